@@ -1,0 +1,31 @@
+# One command per job; each creates its own virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
+
+.PHONY: setup test chat bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@if [ "$$(uname -s)" = "Linux" ] && [ ! -e $(OPENBLAS) ] && command -v apt-get >/dev/null; then \
+		echo "installing OpenBLAS (libopenblas0-pthread) for fast MLX CPU matmuls"; \
+		(apt-get install -y -q libopenblas0-pthread tmux >/dev/null 2>&1 || sudo -n apt-get install -y -q libopenblas0-pthread tmux >/dev/null 2>&1 || echo "note: could not install OpenBLAS; CPU runs will be slower"); \
+	fi
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q
+
+chat: setup
+	$(VENV)/bin/eagle3-mlx chat
+
+bench: setup
+	$(VENV)/bin/eagle3-mlx bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

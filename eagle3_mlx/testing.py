@@ -1,0 +1,230 @@
+"""Tiny offline models and tokenizers for tests, examples and micro-benchmarks.
+
+Everything here is built locally (no hub access): a tokenizer trained on a fixed
+corpus, a random mlx-lm target of a chosen family, and a random EAGLE-3 head
+sized for it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "speculative decoding drafts a tree of tokens and verifies them in one pass",
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i * i)\n",
+    "Hello! How can I help you today? Write a poem about the sea.",
+    "MLX runs on Apple silicon, CUDA and the CPU with unified memory.",
+    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+    "import numpy as np\nx = np.zeros((3, 4))\n",
+] * 4
+
+PROMPTS = [
+    "Write a short story about a robot.",
+    "What is the capital of France?",
+    "def fibonacci(n):",
+    "Explain speculative decoding in one sentence.",
+    "List three colors:",
+    "print('hello world')",
+    "The quick brown fox",
+    "1 2 3 4 5",
+    "How do I sort a list in Python?",
+    "Translate to French: good morning",
+    "A haiku about autumn:",
+    "import numpy as np",
+    "Why is the sky blue?",
+    "for i in range(10):",
+    "Name a prime number.",
+    "Summarize: MLX runs on Apple silicon.",
+    "What does a compiler do?",
+    "Give me a recipe for tea.",
+    "class Stack:",
+    "The lazy dog sleeps",
+    "Count down from ten:",
+    "return a + b",
+]
+
+
+def make_tokenizer(path, vocab_size: int = 384, kind: str = "bpe"):
+    """Save a HF fast tokenizer with a ChatML template into ``path``.
+
+    ``kind="bpe"``: byte-level BPE trained on a fixed corpus (``vocab_size`` >= 260).
+    ``kind="word"``: a word-level vocabulary of exactly ``vocab_size`` tokens
+    (``w0 .. w{n-4}`` plus the specials), for tests that need a tiny vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(_CORPUS, trainer)
+    elif kind == "word":
+        words = [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]
+        vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + words)}
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    return fast
+
+
+FAMILY_DEFAULTS = {
+    "llama": dict(model_type="llama", rope_theta=10000.0),
+    "mistral": dict(model_type="mistral", rope_theta=1000000.0),
+    "qwen2": dict(model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", rope_theta=1000000.0, tie_word_embeddings=True),
+    "gemma3": dict(
+        model_type="gemma3_text",
+        rope_theta=1000000.0,
+        rope_local_base_freq=10000.0,
+        query_pre_attn_scalar=16,
+        sliding_window=12,
+        sliding_window_pattern=2,
+    ),
+}
+
+
+def tiny_target_config(family: str = "llama", vocab_size: int = 384, **overrides) -> dict:
+    cfg = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=vocab_size,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    cfg.update(FAMILY_DEFAULTS[family])
+    cfg.update(overrides)
+    return cfg
+
+
+def _init_weights(model: nn.Module, seed: int, scale: float):
+    """Deterministic random weights with a larger spread than mlx's defaults so
+    tiny random models have peaked (non-uniform) next-token distributions."""
+    mx.random.seed(seed)
+    params = tree_flatten(model.parameters())
+    new = []
+    for name, p in params:
+        if name.endswith("norm.weight") or "layernorm" in name:
+            new.append((name, mx.ones_like(p) if "gemma" not in type(model).__module__ else mx.zeros_like(p)))
+        else:
+            new.append((name, mx.random.normal(p.shape) * scale))
+    model.load_weights(new)
+    mx.eval(model.parameters())
+
+
+def make_tiny_target(path, family: str = "llama", *, seed: int = 0, tokenizer_kind: str = "bpe",
+                     vocab_size: int = 384, weight_scale: float = 0.08, **overrides):
+    """Write a random tiny mlx-lm model plus tokenizer to ``path``; returns path."""
+    from mlx_lm.utils import _get_classes, save_config, save_model
+
+    path = Path(path)
+    make_tokenizer(path, vocab_size=vocab_size, kind=tokenizer_kind)
+    cfg = tiny_target_config(family, vocab_size=vocab_size, **overrides)
+    model_cls, args_cls = _get_classes(cfg)
+    model = model_cls(args_cls.from_dict(cfg))
+    _init_weights(model, seed, weight_scale)
+    weights = dict(tree_flatten(model.parameters()))
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    cfg["eos_token_id"] = 2  # <|im_end|>
+    save_config(cfg, path / "config.json")
+    return path
+
+
+def load_tiny_target(path):
+    from mlx_lm import load
+
+    return load(str(path))
+
+
+def make_random_head(target_model, *, seed: int = 1, draft_vocab_size: int | None = None,
+                     hidden_size: int | None = None, intermediate_size: int = 128,
+                     weight_scale: float = 0.08, **cfg_overrides):
+    """A random EAGLE-3 head shaped for ``target_model`` (an mlx-lm model)."""
+    import numpy as np
+
+    from .head import Eagle3Head, HeadConfig, d2t_from_used
+    from .target import TargetModel
+
+    t = TargetModel(target_model) if not isinstance(target_model, TargetModel) else target_model
+    V = t.vocab_size
+    Vd = draft_vocab_size or V
+    H = hidden_size or t.hidden_size
+    cfg = HeadConfig(
+        hidden_size=H,
+        intermediate_size=intermediate_size,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=H // 4,
+        vocab_size=V,
+        draft_vocab_size=Vd,
+        target_hidden_size=t.hidden_size,
+        has_embedding=H != t.hidden_size,
+        aux_layer_ids=list(t.aux_layer_ids),
+        **cfg_overrides,
+    )
+    head = Eagle3Head(cfg)
+    mx.random.seed(seed)
+    new = []
+    for name, p in tree_flatten(head.parameters()):
+        if name == "d2t":
+            continue
+        if name.endswith("norm.weight") or "layernorm" in name:
+            new.append((name, mx.ones_like(p)))
+        else:
+            new.append((name, mx.random.normal(p.shape) * weight_scale))
+    head.load_weights(new, strict=False)
+    if Vd < V:
+        rng = np.random.default_rng(seed)
+        used = np.sort(rng.choice(V, size=Vd, replace=False))
+        head.set_vocab_mapping(d2t_from_used(used))
+    mx.eval(head.parameters())
+    return head
+
+
+def to_float32(model: nn.Module):
+    model.update(tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
+                          model.parameters()))
+    return model
+
+
+def write_json(path, obj):
+    Path(path).write_text(json.dumps(obj, indent=2))
