@@ -1,0 +1,386 @@
+"""The speculative generation loop.
+
+Each step: the head drafts a tree from the target features of the tokens
+committed last step (draft), the target runs the whole tree once under a tree
+mask (verify), the accepted path and a bonus token are committed and the target
+KV cache is compacted (commit), and statistics are updated (stats).
+
+The engine keeps its caches between calls and reuses the longest common token
+prefix of the next prompt, so a chat passes its whole conversation each turn.
+All MLX work must stay on the thread that runs the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .head import Eagle3Head, HeadError
+from .target import TargetModel, compact_cache, trim_cache
+from .tree import TreeSpec, draft_tree
+from .verify import SamplingParams, choose, greedy_verify, sample_verify
+
+Prompt = Union[str, Sequence[int], Sequence[dict]]
+
+
+class ContextLimitError(ValueError):
+    pass
+
+
+@dataclass
+class GenerationResponse:
+    """One generated token, shaped like mlx-lm's response plus step statistics."""
+
+    text: str
+    token: int
+    from_draft: bool
+    step_index: int
+    new_step: bool
+    step_tokens: int
+    draft_ms: float
+    verify_ms: float
+    tokens_per_step: float
+    steps: int
+    prompt_tokens: int
+    prompt_tps: float
+    prompt_ms: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: Optional[str] = None
+    speculative: bool = True
+
+
+def check_compatible(head: Eagle3Head, target: TargetModel):
+    cfg = head.config
+    if cfg.target_hidden_size != target.hidden_size:
+        raise HeadError(
+            f"draft head expects target hidden size {cfg.target_hidden_size}, "
+            f"but the target's hidden size is {target.hidden_size}"
+        )
+    if cfg.vocab_size != target.vocab_size:
+        raise HeadError(
+            f"draft head vocabulary size {cfg.vocab_size} does not match "
+            f"the target's vocabulary size {target.vocab_size}"
+        )
+    if "embed_tokens" not in head and cfg.hidden_size != target.hidden_size:
+        raise HeadError(
+            f"draft head has hidden size {cfg.hidden_size} but no embedding, and the "
+            f"target's embedding has width {target.hidden_size}"
+        )
+
+
+class Engine:
+    def __init__(self, model, tokenizer, head: Eagle3Head, *, top_k: int = 4, depth: int = 4,
+                 total_tokens: int = 16, aux_layer_ids=None, kv_bits: Optional[int] = None,
+                 kv_group_size: int = 64, max_context: Optional[int] = None,
+                 prefill_step_size: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
+        self.head = head
+        aux = aux_layer_ids or head.config.aux_layer_ids
+        self.target = TargetModel(model, aux)
+        check_compatible(head, self.target)
+        self.spec = TreeSpec(top_k, depth, total_tokens)
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.max_context = max_context or self.target.max_position_embeddings
+        self.prefill_step_size = prefill_step_size
+        self.prompt_tokens_processed = 0
+        self.reset()
+
+    # -- state ---------------------------------------------------------------------
+
+    def reset(self):
+        """Forget the conversation: drop both KV caches."""
+        self._tokens: list = []       # tokens whose KV the target cache holds
+        self._tcache = None
+        self._dcache = None
+        self._draft_len = 0           # stable draft rows valid for self._tokens
+
+    def set_tree(self, top_k: Optional[int] = None, depth: Optional[int] = None,
+                 total_tokens: Optional[int] = None):
+        s = self.spec
+        self.spec = TreeSpec(top_k or s.top_k, depth or s.depth, total_tokens or s.total_tokens)
+
+    def _head_embed(self, ids):
+        return self.head.embed(ids, self.target.embed_tokens)
+
+    # -- prompts -------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt) -> list:
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            add_special = tok.bos_token is None or not prompt.startswith(tok.bos_token)
+            return list(tok.encode(prompt, add_special_tokens=add_special))
+        prompt = list(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            return list(tok.encode(text, add_special_tokens=False))
+        if not all(isinstance(t, int) for t in prompt):
+            raise TypeError("prompt must be a string, a list of token ids, or a list of chat messages")
+        return prompt
+
+    # -- prefill with prefix reuse -----------------------------------------------------
+
+    def _prefill(self, ids: list):
+        """Process ``ids`` reusing the cached common prefix. Returns the logits of
+        the last prompt position and the target features of the newly processed
+        positions, plus the index of the first of those positions."""
+        if self._tcache is None:
+            self._tcache = self.target.make_cache()
+            self._dcache = self.head.make_cache()
+            self._tokens, self._draft_len = [], 0
+        common = 0
+        for a, b in zip(self._tokens, ids):
+            if a != b:
+                break
+            common += 1
+        # Keep one position back: its features are needed to re-extend the draft,
+        # and the draft row at p also depends on token p+1.
+        c = max(0, min(common - 1, len(ids) - 1, self._draft_len))
+        trim_cache(self._tcache, c)
+        trim_cache(self._dcache, c)
+        self._quantize_if_needed(len(ids) - c)
+        rest = mx.array(ids[c:], dtype=mx.int32)[None]
+        feats, logits = [], None
+        n = rest.shape[1]
+        for s in range(0, n, self.prefill_step_size):
+            chunk = rest[:, s : s + self.prefill_step_size]
+            last = s + chunk.shape[1] >= n
+            logits, f = self.target.forward(chunk, self._tcache, logits_rows=slice(-1, None) if last else slice(0, 0))
+            feats.append(f)
+            if not last:
+                mx.eval(f, [cc.state for cc in self._tcache])
+        self.prompt_tokens_processed += n
+        self._tokens = list(ids)
+        self._draft_len = c
+        return logits[0, -1], mx.concatenate(feats, axis=1), c
+
+    def _quantize_if_needed(self, n_new: int):
+        if not self.kv_bits:
+            return
+        # As mlx-lm does with quantized_kv_start=0: the prompt's KV is stored
+        # quantized from the first generated token on.
+        for i, c in enumerate(self._tcache):
+            if hasattr(c, "to_quantized") and c.keys is not None:
+                self._tcache[i] = c.to_quantized(group_size=self.kv_group_size, bits=self.kv_bits)
+
+    # -- generation ------------------------------------------------------------------
+
+    def stream_generate(self, prompt: Prompt, max_tokens: int = 256, temp: float = 0.0,
+                        top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                        stop: Optional[Sequence[str]] = None, speculative: bool = True,
+                        cancel=None, repetition_penalty: Optional[float] = None,
+                        seed: Optional[int] = None) -> Iterator[GenerationResponse]:
+        if repetition_penalty not in (None, 1.0) and speculative:
+            raise ValueError(
+                "repetition_penalty is not supported with speculative decoding (it would "
+                "change the target's distribution per tree node); use speculative=False / --no-spec"
+            )
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+        params = SamplingParams(temp, top_p, top_k, min_p)
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        if self.max_context and len(ids) >= self.max_context:
+            raise ContextLimitError(
+                f"prompt has {len(ids)} tokens but the context limit is {self.max_context}"
+            )
+        if max_tokens == 0:
+            return
+        if seed is not None:
+            mx.random.seed(seed)
+        if repetition_penalty not in (None, 1.0):
+            from mlx_lm.sample_utils import make_repetition_penalty
+
+            penalty = make_repetition_penalty(repetition_penalty)
+        else:
+            penalty = None
+
+        from mlx_lm.generate import wired_limit
+
+        with wired_limit(self.model):
+            yield from self._generate(ids, max_tokens, params, stop or (), speculative, cancel, penalty)
+
+    def _generate(self, ids, max_tokens, params, stops, speculative, cancel, penalty):
+        tok = self.tokenizer
+        eos = tok.eos_token_ids
+        detok = tok.detokenizer
+        detok.reset()
+        spec = self.spec
+
+        tic = time.perf_counter()
+        last_logits, feats, start = self._prefill(ids)
+        history = list(ids)
+        if penalty is not None:
+            last_logits = penalty(mx.array(history)[None], last_logits[None])[0]
+        root = choose(last_logits, params).reshape(1)
+        mx.eval(root, feats)
+        prompt_ms = (time.perf_counter() - tic) * 1000
+        n_prompt = len(ids) - start
+        prompt_tps = n_prompt / max(prompt_ms / 1000, 1e-9)
+
+        # Draft extension inputs: features of the new positions paired with the
+        # next token (shifted by one), ending with the root.
+        ext_ids = mx.concatenate([mx.array(ids[start + 1 :], dtype=mx.int32), root])[None]
+        cur_len = len(ids)
+        text, emitted = "", 0
+        n_gen, steps = 0, 1                     # the prefill forward produced the root
+        gen_tic = time.perf_counter()
+        pending = [(int(root.item()), False)]
+        draft_ms = verify_ms = 0.0
+
+        while True:
+            # ---- emit the tokens committed by the last step ----
+            step_tokens = len(pending)
+            for j, (t, from_draft) in enumerate(pending):
+                finish = None
+                if t in eos:
+                    finish = "stop"
+                else:
+                    detok.add_token(t)
+                    text += detok.last_segment
+                n_gen += 1
+                if finish is None and n_gen >= max_tokens:
+                    finish = "length"
+                if finish is None and cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                if finish is not None:
+                    detok.finalize()
+                    text += detok.last_segment
+                out, hit = _release_text(text, emitted, stops, final=finish is not None)
+                if hit:
+                    finish = "stop"
+                emitted += len(out)
+                el = time.perf_counter() - gen_tic
+                yield GenerationResponse(
+                    text=out, token=t, from_draft=from_draft, step_index=steps - 1,
+                    new_step=j == 0, step_tokens=step_tokens, draft_ms=draft_ms,
+                    verify_ms=verify_ms, tokens_per_step=n_gen / steps, steps=steps,
+                    prompt_tokens=len(ids), prompt_tps=prompt_tps, prompt_ms=prompt_ms,
+                    generation_tokens=n_gen, generation_tps=n_gen / max(el, 1e-9),
+                    peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
+                    speculative=speculative,
+                )
+                if finish is not None:
+                    self._finish(history, cur_len)
+                    return
+                history.append(t)
+
+            # ---- one step: draft, verify, commit ----
+            T = spec.num_nodes if speculative else 1
+            if self.max_context and cur_len + T > self.max_context:
+                detok.finalize()
+                text += detok.last_segment
+                yield self._final(text[emitted:], ids, n_gen, steps, prompt_tps, prompt_ms,
+                                  gen_tic, "context", speculative)
+                self._finish(history, cur_len)
+                return
+            steps += 1
+            t0 = time.perf_counter()
+            if speculative:
+                if self._draft_len + ext_ids.shape[1] != cur_len:
+                    raise RuntimeError("draft cache out of sync with the target")
+                tree = draft_tree(self.head, self._head_embed, self._dcache, ext_ids, feats,
+                                  root, spec)
+                self._draft_len = cur_len
+                mx.eval(tree.tokens, tree.ancestors)
+                t1 = time.perf_counter()
+                positions = (cur_len + tree.depths).astype(mx.int32)
+                logits, fts = self.target.forward(
+                    tree.tokens[None], self._tcache,
+                    tree_mask=None if tree.is_chain else tree.ancestors,
+                    positions=None if tree.is_chain else positions,
+                )
+                logits = logits[0]
+                if params.greedy:
+                    path_mask, bonus = greedy_verify(tree, logits)
+                    tokens_h, path_h, bonus_h = (a.tolist() for a in (tree.tokens, path_mask, bonus))
+                    path = [i for i in range(tree.size) if path_h[i]]
+                    bonus = mx.array([bonus_h], dtype=mx.int32)
+                else:
+                    path, bonus = sample_verify(tree, logits, params)
+                    tokens_h = tree.tokens.tolist()
+                    bonus_h = int(bonus.item())
+                    bonus = bonus.reshape(1)
+                compact_cache(self._tcache, cur_len, path)
+                accepted = [tokens_h[i] for i in path[1:]]
+                feats = fts[:, mx.array(path, dtype=mx.int32)]
+                t2 = time.perf_counter()
+            else:
+                t1 = t0
+                logits, fts = self.target.forward(root[None], self._tcache)
+                row = logits[0, -1]
+                if penalty is not None:
+                    row = penalty(mx.array(history)[None], row[None])[0]
+                bonus = choose(row, params).reshape(1)
+                bonus_h = int(bonus.item())
+                accepted, path = [], [0]
+                t2 = time.perf_counter()
+            draft_ms = (t1 - t0) * 1000
+            verify_ms = (t2 - t1) * 1000
+            cur_len += len(path)
+            ext_ids = mx.array(accepted + [bonus_h], dtype=mx.int32)[None]
+            root = bonus
+            pending = [(t, True) for t in accepted] + [(bonus_h, False)]
+            step_tokens = len(pending)
+
+    def _finish(self, history, cur_len):
+        # The target cache holds cur_len positions: the prompt plus every
+        # committed token except the last, not yet processed one.
+        self._tokens = history[:cur_len]
+        self._draft_len = min(self._draft_len, cur_len)
+
+    def _final(self, text, ids, n_gen, steps, prompt_tps, prompt_ms, gen_tic, reason, speculative):
+        el = time.perf_counter() - gen_tic
+        return GenerationResponse(
+            text=text, token=-1, from_draft=False,
+            step_index=steps, new_step=False, step_tokens=0, draft_ms=0.0, verify_ms=0.0,
+            tokens_per_step=n_gen / max(steps, 1), steps=steps, prompt_tokens=len(ids),
+            prompt_tps=prompt_tps, prompt_ms=prompt_ms, generation_tokens=n_gen,
+            generation_tps=n_gen / max(el, 1e-9), peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=reason, speculative=speculative,
+        )
+
+    def generate(self, prompt: Prompt, verbose: bool = False, **kwargs) -> str:
+        text, last = "", None
+        for r in self.stream_generate(prompt, **kwargs):
+            text += r.text
+            last = r
+            if verbose:
+                print(r.text, end="", flush=True)
+        if verbose and last is not None:
+            print()
+            print(format_stats(last))
+        return text
+
+
+def _release_text(text: str, emitted: int, stops, final: bool):
+    """Text that may be shown now, and whether a stop string was hit. Holds back
+    a tail that could be the start of a stop string until it is decided."""
+    for st in stops:
+        i = text.find(st, max(0, emitted - len(st) + 1))
+        if i != -1:
+            return text[emitted:max(i, emitted)], True
+    if final or not stops:
+        return text[emitted:], False
+    hold = 0
+    for st in stops:
+        for k in range(min(len(st) - 1, len(text)), 0, -1):
+            if text.endswith(st[:k]):
+                hold = max(hold, k)
+                break
+    return text[emitted:max(emitted, len(text) - hold)], False
+
+
+def format_stats(r: GenerationResponse) -> str:
+    return (
+        f"tokens/step {r.tokens_per_step:.2f} | {r.generation_tps:.1f} tok/s | "
+        f"{r.steps} steps | {r.generation_tokens} tokens | prompt {r.prompt_tokens} tok "
+        f"({r.prompt_tps:.1f} tok/s) | peak {r.peak_memory:.2f} GB"
+    )

@@ -1,0 +1,233 @@
+"""Target adapter: drives an unmodified mlx-lm model layer by layer.
+
+One loop gives everything speculative decoding needs from the target:
+
+* prefill and verification with any attention mask (causal, or a tree mask over
+  the committed prefix plus the ancestor matrix of the draft tree),
+* per-token RoPE positions for tree nodes (each layer's ``self_attn.rope`` is
+  wrapped once; positions are folded into the batch axis of ``mx.fast.rope``),
+* the three auxiliary hidden states EAGLE-3 heads read,
+* logits only for the rows that need them.
+
+Aux layer convention: an id k is the HF ``output_hidden_states[k]`` index, i.e.
+the residual stream *entering* decoder layer k (0 is the embedding output),
+without the final norm. Default ``[2, L//2, L-3]``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+from .head import apply_rope
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+class _PositionState:
+    """Shared by every wrapped RoPE of a model; a plain object so the per-token
+    positions never enter the module's parameter tree."""
+
+    positions: Optional[mx.array] = None
+
+
+class PositionalRope(nn.Module):
+    """Wraps a layer's RoPE: normal behaviour unless per-token positions are set."""
+
+    def __init__(self, inner, state: _PositionState):
+        super().__init__()
+        # Stored outside the Module dict so parameter paths stay unchanged.
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_state", state)
+
+    def __call__(self, x, offset=0):
+        pos = self._state.positions
+        if pos is None:
+            return self._inner(x, offset=offset)
+        return apply_rope(self._inner, x, pos)
+
+
+def default_aux_layer_ids(num_layers: int) -> list:
+    return [2, num_layers // 2, num_layers - 3]
+
+
+class TargetModel:
+    """An mlx-lm causal LM prepared for EAGLE-3 drafting and tree verification."""
+
+    def __init__(self, model: nn.Module, aux_layer_ids: Optional[Sequence[int]] = None):
+        self.model = model
+        args = getattr(model, "args", None)
+        self.model_type = getattr(model, "model_type", None) or getattr(args, "model_type", "?")
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model type {self.model_type!r} is not supported for speculative decoding "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        self.inner = model.model
+        self.layers = list(model.layers)
+        self.num_layers = len(self.layers)
+        self.hidden_size = args.hidden_size
+        self.vocab_size = args.vocab_size
+        self.max_position_embeddings = getattr(args, "max_position_embeddings", None)
+        self.aux_layer_ids = list(aux_layer_ids or default_aux_layer_ids(self.num_layers))
+        for i in self.aux_layer_ids:
+            if not 0 <= i < self.num_layers:
+                raise UnsupportedModelError(
+                    f"aux layer id {i} is outside the target's {self.num_layers} decoder layers "
+                    f"(HF hidden_states index convention: 0..{self.num_layers - 1})"
+                )
+        self._capture = {}
+        for slot, i in enumerate(self.aux_layer_ids):
+            self._capture.setdefault(i, []).append(slot)
+
+        self.is_gemma = self.model_type.startswith("gemma")
+        self.windows = self._layer_windows(args)
+        self._state = _PositionState()
+        self.supports_tree = True
+        for layer in self.layers:
+            attn = layer.self_attn
+            if isinstance(attn.rope, PositionalRope):
+                attn.rope = attn.rope._inner
+            if type(attn.rope).__name__ == "DynamicNTKScalingRoPE":
+                self.supports_tree = False
+            attn.rope = PositionalRope(attn.rope, self._state)
+
+    # -- structure -----------------------------------------------------------------
+
+    def _layer_windows(self, args):
+        """Sliding-window size per layer (None = full attention). Sliding layers use
+        a full KVCache here plus a window mask, which stays exact past the window."""
+        L = self.num_layers
+        if self.model_type == "gemma3_text":
+            p = args.sliding_window_pattern
+            return [None if i % p == p - 1 else args.sliding_window for i in range(L)]
+        if self.model_type in ("llama", "mistral"):
+            return [args.sliding_window if layer.use_sliding else None for layer in self.layers]
+        if self.model_type in ("qwen2", "qwen3"):
+            # mlx-lm's qwen2/qwen3 attend over the full context.
+            return [None] * L
+        return [None] * L
+
+    @property
+    def embed_tokens(self):
+        return self.inner.embed_tokens
+
+    def embed(self, tokens):
+        h = self.inner.embed_tokens(tokens)
+        if self.is_gemma:
+            h = h * mx.array(self.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
+        return h
+
+    def lm_head(self, h):
+        if "lm_head" in self.model:
+            return self.model.lm_head(h)
+        return self.inner.embed_tokens.as_linear(h)
+
+    def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64):
+        if kv_bits:
+            return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in self.layers]
+        return [KVCache() for _ in self.layers]
+
+    def check_cache(self, cache):
+        for c in cache:
+            if type(c) not in (KVCache, QuantizedKVCache):
+                raise UnsupportedModelError(
+                    f"{self.model_type}: cache class {type(c).__name__} cannot be compacted after "
+                    "tree acceptance (supported: KVCache, QuantizedKVCache)"
+                )
+
+    # -- masks ---------------------------------------------------------------------
+
+    def _masks(self, T: int, offset: int, tree_mask, positions):
+        """Mask per distinct window size: None/'causal'/bool array [T, offset+T]."""
+        masks = {}
+        for w in set(self.windows):
+            if tree_mask is None:
+                if w is None or offset + T <= w:
+                    masks[w] = None if T == 1 else "causal"
+                else:
+                    q = mx.arange(offset, offset + T)[:, None]
+                    k = mx.arange(offset + T)[None]
+                    masks[w] = (k <= q) & (q - k < w)
+            else:
+                prefix = mx.ones((T, offset), dtype=mx.bool_)
+                full = mx.concatenate([prefix, tree_mask], axis=1) if offset else tree_mask
+                if w is not None:
+                    kpos = mx.concatenate([mx.arange(offset), positions])
+                    full = full & ((positions[:, None] - kpos[None]) < w)
+                masks[w] = full
+        return masks
+
+    # -- forward -------------------------------------------------------------------
+
+    def forward(self, tokens, cache, *, tree_mask=None, positions=None, logits_rows=None,
+                return_hidden=False):
+        """Run the target over ``tokens`` [B, T], appending T rows to ``cache``.
+
+        tree_mask: bool [T, T] ancestor-or-self matrix (None: causal).
+        positions: int32 [T] absolute RoPE positions for tree nodes (with tree_mask).
+        logits_rows: optional index array/slice of rows to compute logits for.
+        Returns (logits, features[B, T, 3*Ht]) and, with return_hidden, the final
+        normed hidden states of the logits rows.
+        """
+        if tree_mask is not None and not self.supports_tree:
+            raise UnsupportedModelError(
+                f"{self.model_type}: its RoPE (dynamic NTK) cannot take per-token positions; "
+                "use chain mode (top_k=1)"
+            )
+        T = tokens.shape[1]
+        offset = cache[0].offset if cache is not None else 0
+        masks = self._masks(T, offset, tree_mask, positions)
+        h = self.embed(tokens)
+        captured = [None] * len(self.aux_layer_ids)
+        self._state.positions = positions if tree_mask is not None else None
+        try:
+            for i, layer in enumerate(self.layers):
+                for slot in self._capture.get(i, ()):
+                    captured[slot] = h
+                h = layer(h, masks[self.windows[i]], cache[i] if cache is not None else None)
+        finally:
+            self._state.positions = None
+        features = mx.concatenate(captured, axis=-1)
+        if logits_rows is not None:
+            h = h[:, logits_rows]
+        hn = self.inner.norm(h)
+        logits = self.lm_head(hn)
+        if return_hidden:
+            return logits, features, hn
+        return logits, features
+
+    __call__ = forward
+
+
+def compact_cache(cache, offset: int, keep: Sequence[int]):
+    """Keep rows ``offset + keep`` (relative indices, in order) at
+    ``[offset, offset + len(keep))`` and drop the rest. Exact for KVCache and
+    QuantizedKVCache (quantization groups run along head_dim)."""
+    n = len(keep)
+    contiguous = list(keep) == list(range(n))
+    for c in cache:
+        if not contiguous:
+            idx = mx.array([offset + int(k) for k in keep], dtype=mx.int32)
+            if isinstance(c, QuantizedKVCache):
+                for buf in (c.keys, c.values):
+                    for j in range(len(buf)):
+                        buf[j][..., offset : offset + n, :] = buf[j][..., idx, :]
+            else:
+                c.keys[..., offset : offset + n, :] = c.keys[..., idx, :]
+                c.values[..., offset : offset + n, :] = c.values[..., idx, :]
+        c.offset = offset + n
+
+
+def trim_cache(cache, length: int):
+    """Drop rows past ``length``."""
+    for c in cache:
+        if c.offset > length:
+            c.trim(c.offset - length)
