@@ -1,0 +1,120 @@
+"""The ``eagle3-mlx`` console script: dispatches to one module per sub-command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": ("eagle3_mlx.cli", "generate_main", "generate text with speculative decoding"),
+    "convert": ("eagle3_mlx.convert.cli", "main", "convert a target model or an EAGLE-3 head to MLX"),
+    "chat": ("eagle3_mlx.tui.cli", "main", "terminal chat with live speculation statistics"),
+    "train": ("eagle3_mlx.train.cli", "main", "train an EAGLE-3 head for a target"),
+    "bench": ("eagle3_mlx.bench", "main", "measure speedup against plain mlx-lm decoding"),
+    "calibrate": ("eagle3_mlx.calibrate", "main", "pick the best draft tree for this machine"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: eagle3-mlx <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {desc}" for name, (_, _, desc) in COMMANDS.items()]
+    lines += ["", "Run `eagle3-mlx <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"eagle3-mlx {__version__}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"eagle3-mlx: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    if name in ("generate", "chat", "bench", "calibrate", "train"):
+        try:
+            from .platform import maybe_reexec_with_openblas
+        except ImportError:  # platform helpers are optional on non-Linux installs
+            maybe_reexec_with_openblas = None
+        if maybe_reexec_with_openblas is not None:
+            maybe_reexec_with_openblas()
+    module, func, _ = COMMANDS[name]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        print(f"eagle3-mlx: error: command {name!r} is not available ({e})", file=sys.stderr)
+        return 2
+    rc = getattr(mod, func)(argv[1:])
+    return 0 if rc is None else rc
+
+
+def add_tree_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("draft tree")
+    g.add_argument("--tree-top-k", type=int, default=None, help="children per node (1 = chain)")
+    g.add_argument("--tree-depth", type=int, default=None, help="draft levels after the first")
+    g.add_argument("--tree-total-tokens", type=int, default=None, help="tree size incl. the root")
+
+
+def tree_kwargs(args) -> dict:
+    kw = {}
+    if args.tree_top_k is not None:
+        kw["top_k"] = args.tree_top_k
+    if args.tree_depth is not None:
+        kw["depth"] = args.tree_depth
+    if args.tree_total_tokens is not None:
+        kw["total_tokens"] = args.tree_total_tokens
+    return kw
+
+
+def generate_main(argv):
+    p = argparse.ArgumentParser(prog="eagle3-mlx generate", description="Generate text with EAGLE-3 speculative decoding.")
+    p.add_argument("--model", required=True, help="MLX target model directory or HF repo")
+    p.add_argument("--draft", required=True, help="MLX EAGLE-3 head directory (eagle3-mlx convert)")
+    p.add_argument("--prompt", "-p", required=True, help="prompt text ('-' reads stdin)")
+    p.add_argument("--max-tokens", "-m", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sampling top-k (0 = off)")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system prompt (chat template)")
+    p.add_argument("--ignore-chat-template", action="store_true")
+    p.add_argument("--no-spec", action="store_true", help="plain decoding (no draft) for comparison")
+    p.add_argument("--kv-bits", type=int, default=None)
+    p.add_argument("--dtype", default=None, help="cast target weights, e.g. float32")
+    add_tree_args(p)
+    args = p.parse_args(argv)
+    from . import api
+    from .engine import format_stats
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        engine = api.load(args.model, args.draft, model_dtype=args.dtype, kv_bits=args.kv_bits,
+                          **tree_kwargs(args))
+        if not args.ignore_chat_template and engine.tokenizer.chat_template is not None:
+            msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+            prompt = msgs + [{"role": "user", "content": prompt}]
+        last = None
+        for r in engine.stream_generate(prompt, max_tokens=args.max_tokens, temp=args.temp,
+                                        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                                        seed=args.seed, speculative=not args.no_spec):
+            print(r.text, end="", flush=True)
+            last = r
+        print()
+        if last is not None:
+            print("=" * 10, file=sys.stderr)
+            print(format_stats(last), file=sys.stderr)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"eagle3-mlx generate: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
