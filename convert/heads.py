@@ -1,0 +1,399 @@
+"""Read every published EAGLE-3 head layout into the one MLX head format
+(:mod:`eagle3_mlx.head`).
+
+Layouts (see ``shared/docs/eagle3-reference.md`` section 2):
+
+* official (``yuhuili/EAGLE3-*``): ``pytorch_model.bin``, ``midlayer.*``, d2t/t2d,
+  no ``embed_tokens``;
+* SpecForge HF export: the same names in safetensors, with ``embed_tokens``;
+* SGLang: ``model.`` prefix, possibly fused ``qkv_proj`` / ``gate_up_proj``;
+* speculators / vLLM (``Eagle3Speculator``): nested ``transformer_layer_config``,
+  ``layers.{i}.*``, explicit ``norm_before_residual``;
+* ModelOpt / NVIDIA: ``layers.{i}.*`` with a flat config, optionally
+  ``norm_before_fc`` with an ``input_norm.weight`` over the 3*Ht features.
+
+Shapes come from the weights (the layer count always; the config's
+``num_hidden_layers`` is known to be wrong on some hubs); the config supplies
+head counts, eps, RoPE and flags.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import ConvertError, short
+
+# LlamaConfig defaults: speculators serialises its nested layer config with
+# ``to_diff_dict``, which omits every field equal to these.
+_LLAMA_DEFAULTS = dict(
+    vocab_size=32000,
+    num_attention_heads=32,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=2048,
+)
+
+LAYOUT_NAMES = {
+    "official": "official layout",
+    "specforge": "SpecForge HF export layout",
+    "sglang": "SGLang layout",
+    "speculators": "speculators layout",
+    "modelopt": "ModelOpt layout",
+    "nvidia_norm_before_fc": "NVIDIA norm_before_fc layout",
+}
+
+_LAYER_RE = re.compile(r"^(midlayers|midlayer|layers)(?:\.(\d+))?\.(.+)$")
+_LAYER_PARTS = {
+    "input_layernorm.weight", "hidden_norm.weight", "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight", "self_attn.qkv_proj.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "mlp.gate_up_proj.weight",
+}
+_TOP = {"fc.weight", "fc.bias", "norm.weight", "lm_head.weight", "embed_tokens.weight",
+        "input_norm.weight", "d2t", "t2d"}
+
+
+def normalize_name(name: str):
+    """Map a checkpoint tensor name to the MLX head name, or None to drop it."""
+    n = name
+    changed = True
+    while changed:  # prefixes may stack ("model.eagle_module.")
+        changed = False
+        for p in ("eagle_module.", "model."):
+            if n.startswith(p):
+                n, changed = n[len(p):], True
+    if n.endswith("rotary_emb.inv_freq"):
+        return None
+    m = _LAYER_RE.match(n)
+    if m:
+        kind, idx, rest = m.groups()
+        if idx is None and kind != "midlayer":
+            return n  # rejected later as unexpected
+        return f"layers.{int(idx or 0)}.{rest}"
+    return n
+
+
+def looks_like_head(config: dict, names) -> bool:
+    """An EAGLE-3 head rather than a target model?"""
+    if "transformer_layer_config" in config or config.get("speculators_model_type"):
+        return True
+    archs = config.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    if any("eagle" in a.lower() or "speculator" in a.lower() for a in archs):
+        return True
+    if "draft_vocab_size" in config:
+        return True
+    norm = {normalize_name(n) for n in names}
+    return "fc.weight" in norm and any(
+        n and (n.endswith("hidden_norm.weight") or n == "d2t") for n in norm
+    )
+
+
+def detect_layout(config: dict, names) -> str:
+    names = list(names)
+    if "transformer_layer_config" in config or config.get("speculators_model_type"):
+        return "speculators"
+    if _flag(config, "norm_before_fc") or any(normalize_name(n) == "input_norm.weight" for n in names):
+        return "nvidia_norm_before_fc"
+    if any(n.startswith("model.") for n in names) or any(
+        "qkv_proj" in n or "gate_up_proj" in n for n in names
+    ):
+        return "sglang"
+    if any(re.match(r"^(eagle_module\.)?layers\.\d+\.", n) for n in names):
+        return "modelopt"
+    if any(normalize_name(n) == "embed_tokens.weight" for n in names):
+        return "specforge"
+    return "official"
+
+
+def _flag(config: dict, key: str):
+    if key in config:
+        return config[key]
+    return (config.get("eagle_config") or {}).get(key)
+
+
+def merged_config(raw: dict) -> dict:
+    """One flat dict of head settings for any layout."""
+    if "transformer_layer_config" not in raw:
+        return dict(raw)
+    cfg = dict(_LLAMA_DEFAULTS)
+    cfg.update(raw.get("transformer_layer_config") or {})
+    for k, v in raw.items():
+        if k != "transformer_layer_config" and v is not None:
+            cfg[k] = v
+    return cfg
+
+
+def _rope(cfg: dict):
+    """(theta, scaling). Absent means base 10000, no scaling (official heads).
+    Transformers 5 keeps both under ``rope_parameters``."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or None
+    theta = params.get("rope_theta") or (scaling or {}).get("rope_theta") or cfg.get("rope_theta") or 10000.0
+    if scaling is None and params:
+        scaling = params
+    if scaling:
+        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+        kind = scaling.get("rope_type") or scaling.get("type") or "default"
+        if kind == "default":
+            scaling = None
+    return float(theta), scaling
+
+
+def _aux_layer_ids(cfg: dict, layout: str):
+    """Aux ids as HF hidden-states indices (id k = input of layer k).
+
+    Top-level ``eagle_aux_hidden_state_layer_ids`` (speculators, vLLM) already
+    use that convention. SpecForge/ModelOpt ``eagle_config`` ids are
+    "output of layer k" when the first id is 1 (SGLang then adds +1; the
+    rule of sglang PR#25454), else they are already input-of-layer indices.
+    """
+    ids = cfg.get("eagle_aux_hidden_state_layer_ids")
+    if ids:
+        return [int(i) for i in ids]
+    ids = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    if ids:
+        ids = [int(i) for i in ids]
+        return [i + 1 for i in ids] if ids[0] == 1 else ids
+    return None
+
+
+class HeadSource:
+    """A head checkpoint read into MLX-named tensors plus its HeadConfig."""
+
+    def __init__(self, src: Path, raw_config: dict, weights, *, log=print):
+        self.src, self.raw, self.weights, self.log = src, raw_config, weights, log
+        self.layout = detect_layout(raw_config, weights.shapes)
+
+    def describe(self) -> str:
+        return f"EAGLE-3 head ({LAYOUT_NAMES[self.layout]})"
+
+    def _err(self, name, reason):
+        return ConvertError(self.weights.origin.get(name, self.src), reason)
+
+    def build(self, *, dtype=None, aux_layer_ids=None, rope_theta=None):
+        """-> Eagle3Head with the checkpoint's weights."""
+        import mlx.core as mx
+        import numpy as np
+
+        from eagle3_mlx.head import Eagle3Head, HeadConfig, HeadError, check_d2t, t2d_from_d2t
+
+        cfg = merged_config(self.raw)
+        raw_names = list(self.weights.shapes)
+        mapping = {}
+        for n in raw_names:
+            m = normalize_name(n)
+            if m is None:
+                continue
+            parts = m.split(".", 2)
+            ok = m in _TOP or (parts[0] == "layers" and len(parts) == 3 and parts[2] in _LAYER_PARTS)
+            if not ok:
+                raise self._err(n, f"unsupported tensor {n!r} in an EAGLE-3 head (unknown layout, "
+                                   "or a draft layer this converter does not support)")
+            if m in mapping:
+                raise self._err(n, f"tensors {mapping[m]!r} and {n!r} both map to {m!r}")
+            mapping[m] = n
+        shapes = {m: tuple(self.weights.shapes[n]) for m, n in mapping.items()}
+
+        for req in ("fc.weight", "norm.weight", "layers.0.hidden_norm.weight"):
+            if req not in shapes:
+                raise ConvertError(self.src, f"not a usable EAGLE-3 head: no {req!r} "
+                                             f"(found {len(shapes)} tensors, layout {self.layout})")
+        if "lm_head.weight" not in shapes:
+            raise ConvertError(self.src, "the head has no lm_head.weight (heads that share the "
+                                         "target's lm_head are not supported)")
+        H, fc_in = shapes["fc.weight"]
+        if fc_in % 3:
+            raise self._err("fc.weight", f"fc.weight has {fc_in} input columns, not 3 x target_hidden_size")
+        Ht = fc_in // 3
+        if cfg.get("target_hidden_size") not in (None, Ht):
+            raise self._err("fc.weight", f"config target_hidden_size {cfg['target_hidden_size']} but "
+                                         f"fc.weight is [{H}, {fc_in}] (3x{Ht})")
+        if cfg.get("hidden_size") not in (None, H) and "transformer_layer_config" not in self.raw:
+            raise self._err("fc.weight", f"config hidden_size {cfg['hidden_size']} but fc.weight has {H} rows")
+        Vd = shapes["lm_head.weight"][0]
+        if cfg.get("draft_vocab_size") not in (None, Vd):
+            self.log(f"note: config draft_vocab_size {cfg['draft_vocab_size']} disagrees with "
+                     f"lm_head.weight ({Vd} rows); using {Vd}")
+        V = self._vocab_size(cfg, shapes, Vd)
+
+        nh = int(cfg.get("num_attention_heads") or 0)
+        nkv = int(cfg.get("num_key_value_heads") or nh)
+        hd = int(cfg.get("head_dim") or (H // nh if nh else 0))
+        n_layers = 1 + max(int(m.split(".")[1]) for m in shapes if m.startswith("layers."))
+        for i in range(n_layers):
+            if not any(m.startswith(f"layers.{i}.") for m in shapes):
+                raise ConvertError(self.src, f"layer {i} has no tensors (layers 0..{n_layers - 1} expected)")
+
+        loaded = self.weights.load()
+        w = {m: loaded[n] for m, n in mapping.items()}
+        del loaded
+        self._split_fused(w, nh, nkv, hd)
+        q_rows, q_in = w["layers.0.self_attn.q_proj.weight"].shape
+        if q_in != 2 * H:
+            raise self._err(mapping.get("layers.0.self_attn.q_proj.weight", "layers.0.self_attn.qkv_proj.weight"),
+                            f"q_proj input width {q_in} is not 2 x hidden_size ({2 * H}); not an EAGLE-3 head "
+                            "(EAGLE-1/2 heads are not supported)")
+        if nh * hd != q_rows or nkv * hd != w["layers.0.self_attn.k_proj.weight"].shape[0]:
+            raise ConvertError(self.src, f"attention shape mismatch: q_proj has {q_rows} rows, k_proj "
+                                         f"{w['layers.0.self_attn.k_proj.weight'].shape[0]}, but the config says "
+                                         f"{nh} heads / {nkv} kv heads of dim {hd}")
+        I = w["layers.0.mlp.gate_proj.weight"].shape[0]
+
+        d2t = self._vocab_mapping(w, V, Vd, mapping, check_d2t, t2d_from_d2t, np)
+
+        has_input_norm = "input_norm.weight" in w
+        nbf = bool(_flag(cfg, "norm_before_fc"))
+        if nbf and not has_input_norm:
+            raise ConvertError(self.src, "config sets norm_before_fc but the weights have no input_norm.weight")
+        if has_input_norm and not nbf:
+            self.log("note: input_norm.weight present; applying it before fc (norm_before_fc)")
+        if has_input_norm and w["input_norm.weight"].shape != (fc_in,):
+            raise self._err("input_norm.weight", f"input_norm.weight has shape {tuple(w['input_norm.weight'].shape)}, "
+                                                 f"expected ({fc_in},)")
+
+        if "norm_before_residual" in cfg:
+            nbr = bool(cfg["norm_before_residual"])
+        else:
+            nbr = False
+            if self.layout == "speculators":
+                self.log("note: norm_before_residual is not in the config; using False (the speculators "
+                         "default; vLLM would assume True)")
+
+        has_embed = "embed_tokens.weight" in w
+        if not has_embed and Ht != H:
+            raise ConvertError(self.src, f"the head has no embed_tokens.weight and its hidden_size {H} != "
+                                         f"target hidden size {Ht}, so the target's embedding cannot be shared")
+        theta, scaling = _rope(cfg)
+        if rope_theta is not None:
+            theta = float(rope_theta)
+        aux = list(aux_layer_ids) if aux_layer_ids is not None else _aux_layer_ids(cfg, self.layout)
+
+        try:
+            hcfg = HeadConfig(
+                hidden_size=H, intermediate_size=I, num_attention_heads=nh, num_key_value_heads=nkv,
+                head_dim=hd, vocab_size=V, draft_vocab_size=Vd, target_hidden_size=Ht,
+                num_hidden_layers=n_layers, rms_norm_eps=float(cfg.get("rms_norm_eps") or 1e-6),
+                rope_theta=theta, rope_scaling=scaling,
+                max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
+                norm_before_residual=nbr, norm_before_fc=has_input_norm, fc_bias="fc.bias" in w,
+                has_embedding=has_embed, aux_layer_ids=aux, source_format=self.layout,
+            )
+            head = Eagle3Head(hcfg)
+        except (HeadError, ValueError, KeyError, TypeError) as e:
+            raise ConvertError(self.src / "config.json", f"unusable head config ({short(e)})") from None
+
+        if dtype is not None:
+            dt = getattr(mx, dtype)
+            w = {k: (v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in w.items()}
+        w["d2t"] = d2t
+        try:
+            head.load_weights(list(w.items()), strict=True)
+        except ValueError as e:
+            raise ConvertError(self.src, f"weights do not match the head shape ({short(e)})") from None
+        head.freeze(keys=["d2t"], recurse=False)
+        mx.eval(head.parameters())
+        return head
+
+    def _vocab_size(self, cfg, shapes, Vd) -> int:
+        cands = {}
+        if "embed_tokens.weight" in shapes:
+            cands["embed_tokens.weight rows"] = shapes["embed_tokens.weight"][0]
+        if "t2d" in shapes:
+            cands["t2d length"] = shapes["t2d"][0]
+        vals = set(cands.values())
+        if len(vals) > 1:
+            raise ConvertError(self.src, "inconsistent vocabulary sizes: " +
+                               ", ".join(f"{k} {v}" for k, v in cands.items()))
+        if vals:
+            V = vals.pop()
+            if "vocab_size" in (self.raw.get("transformer_layer_config") or self.raw) and cfg.get("vocab_size") != V:
+                self.log(f"note: config vocab_size {cfg.get('vocab_size')} disagrees with the weights; using {V}")
+            return V
+        if cfg.get("vocab_size") is None:
+            raise ConvertError(self.src / "config.json", "no vocab_size")
+        return int(cfg["vocab_size"])
+
+    def _split_fused(self, w, nh, nkv, hd):
+        import mlx.core as mx
+
+        for key in [k for k in w if k.endswith("self_attn.qkv_proj.weight")]:
+            qkv = w.pop(key)
+            pre = key[: -len("qkv_proj.weight")]
+            if qkv.shape[0] != (nh + 2 * nkv) * hd:
+                raise ConvertError(self.src, f"{key} has {qkv.shape[0]} rows, expected (heads {nh} + 2 x kv heads "
+                                             f"{nkv}) x head_dim {hd} = {(nh + 2 * nkv) * hd}")
+            q, k, v = mx.split(qkv, [nh * hd, (nh + nkv) * hd], axis=0)
+            w[pre + "q_proj.weight"], w[pre + "k_proj.weight"], w[pre + "v_proj.weight"] = q, k, v
+        for key in [k for k in w if k.endswith("mlp.gate_up_proj.weight")]:
+            gu = w.pop(key)
+            pre = key[: -len("gate_up_proj.weight")]
+            if gu.shape[0] % 2:
+                raise ConvertError(self.src, f"{key} has an odd number of rows ({gu.shape[0]})")
+            w[pre + "gate_proj.weight"], w[pre + "up_proj.weight"] = mx.split(gu, 2, axis=0)
+
+    def _vocab_mapping(self, w, V, Vd, mapping, check_d2t, t2d_from_d2t, np):
+        """d2t offsets as int32 (target id = d + d2t[d]); checked against t2d."""
+        import mlx.core as mx
+
+        from eagle3_mlx.head import HeadError
+
+        t2d = w.pop("t2d", None)
+        d2t = w.pop("d2t", None)
+        t2d_np = None if t2d is None else np.array(t2d.astype(mx.bool_))
+        if d2t is None:
+            if t2d_np is not None and t2d_np.sum() == Vd and Vd < V:
+                used = np.nonzero(t2d_np)[0]
+                self.log("note: no d2t in the checkpoint; derived it from t2d")
+                return mx.array((used - np.arange(Vd)).astype(np.int32))
+            if Vd != V:
+                raise ConvertError(self.src, f"no d2t although draft_vocab_size {Vd} != vocab_size {V}")
+            return mx.zeros((Vd,), dtype=mx.int32)
+        d2t_np = np.array(d2t).astype(np.int64).reshape(-1)
+        if d2t_np.shape != (Vd,):
+            raise self._err(mapping["d2t"], f"d2t has {d2t_np.shape[0]} entries but lm_head has {Vd} rows")
+        try:
+            check_d2t(d2t_np, V)
+        except HeadError as e:
+            raise self._err(mapping["d2t"], str(e)) from None
+        if t2d_np is not None:
+            if t2d_np.shape != (V,) or not np.array_equal(t2d_np.astype(bool), t2d_from_d2t(d2t_np, V)):
+                raise self._err(mapping["t2d"], "t2d disagrees with d2t (expected t2d[d + d2t[d]] = True for "
+                                                "every draft id d and False elsewhere)")
+        return mx.array(d2t_np.astype(np.int32))
+
+
+def convert_head(head_src: HeadSource, stage: Path, *, dtype=None, quantize=False, q_bits=None,
+                 q_group_size=None, q_mode="affine", aux_layer_ids=None, rope_theta=None,
+                 target_config=None, log=print):
+    """Build the MLX head, check it against ``target_config`` (if given),
+    quantize it (if asked) and save it into ``stage``. Returns the head."""
+    from eagle3_mlx.head import quantize_head, save_head
+
+    from .compat import HeadTargetMismatch, check_head_against_target
+
+    head = head_src.build(dtype=dtype, aux_layer_ids=aux_layer_ids, rope_theta=rope_theta)
+    if target_config is not None:
+        cfg, where = target_config
+        try:
+            check_head_against_target(head.config, cfg)
+        except HeadTargetMismatch as e:
+            raise ConvertError(where, str(e)) from None
+    if quantize:
+        gs, bits = quant_defaults(q_mode, q_group_size, q_bits)
+        quantize_head(head, bits=bits, group_size=gs, mode=q_mode)
+        log(f"quantized the head: {bits}-bit {q_mode}, group size {gs}")
+    save_head(head, stage)
+    return head
+
+
+def quant_defaults(mode: str, group_size, bits):
+    """mlx-lm's per-mode defaults; mxfp4 only exists as 4-bit, group 32."""
+    defaults = {"affine": (64, 4), "mxfp4": (32, 4)}
+    if mode not in defaults:
+        raise ConvertError("--q-mode", f"unsupported quantization mode {mode!r}")
+    gs, b = group_size or defaults[mode][0], bits or defaults[mode][1]
+    if mode == "mxfp4" and (gs, b) != (32, 4):
+        raise ConvertError("--q-mode", f"mxfp4 needs 4 bits and group size 32 (got {b} bits, group {gs})")
+    return gs, b

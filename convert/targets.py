@@ -1,0 +1,134 @@
+"""PyTorch target models (safetensors or ``pytorch_model.bin``, single or
+sharded) -> an MLX directory that ``mlx_lm.load`` opens.
+
+The model itself is mlx-lm's: its classes, ``sanitize`` name mapping,
+``quantize_model``, ``save_model`` and ``save_config`` do the work, exactly as
+``mlx_lm.convert`` would. What this module adds is reading pickled ``.bin``
+weights safely (no torch, no code execution), integrity checks, and carrying
+the tokenizer files verbatim (chat template included).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .errors import ConvertError, short
+from .sources import WeightFiles
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+# Copied verbatim so the tokenizer (and its chat template) is exactly the source's.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json", "generation_config.json", "tiktoken.model",
+)
+
+
+def target_description(config: dict, weights: WeightFiles) -> str:
+    return f"target model ({config.get('model_type', '?')}, {weights.describe()})"
+
+
+def copy_tokenizer(src: Path, dst: Path, log=print) -> list:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    for f in src.glob("*.tiktoken"):
+        shutil.copy2(f, dst / f.name)
+        copied.append(f.name)
+    if not any(n.startswith("tokenizer") or n in ("vocab.json", "tiktoken.model") for n in copied):
+        log(f"warning: no tokenizer files in {src}; mlx_lm.load will need them")
+    return copied
+
+
+def _build_model(src: Path, config: dict, weights: WeightFiles):
+    """The mlx-lm model with the source weights loaded (lazily where possible)."""
+    import mlx.nn as nn  # noqa: F401  (mlx must import before mlx_lm models)
+    from mlx_lm.utils import _get_classes, load_config, load_model
+
+    if weights.kind == "safetensors":
+        # mlx-lm's own loader: also handles pre-quantized checkpoints
+        # (AWQ/GPTQ, mxfp4, fp8, compressed-tensors) via quantization_config.
+        try:
+            model, config = load_model(src, lazy=True)
+        except ConvertError:
+            raise
+        except Exception as e:
+            raise ConvertError(src, f"mlx-lm cannot load this model ({short(e)})") from None
+        return model, config
+
+    if config.get("quantization_config") or config.get("quantization"):
+        raise ConvertError(src / "config.json", "pre-quantized .bin checkpoints are not supported")
+    try:
+        config = load_config(src)  # as load_model does: picks up generation_config eos ids
+        model_cls, args_cls = _get_classes(config)
+        model = model_cls(args_cls.from_dict(config))
+    except Exception as e:
+        raise ConvertError(src / "config.json", f"mlx-lm cannot build this model ({short(e)})") from None
+    w = weights.load()
+    if hasattr(model, "sanitize"):
+        w = model.sanitize(w)
+    try:
+        model.load_weights(list(w.items()), strict=True)
+    except ValueError as e:
+        raise ConvertError(weights.files[0], f"weights do not match the {config.get('model_type')} model ({short(e)})") from None
+    model.eval()
+    return model, config
+
+
+def _cast(model, dtype: str):
+    """Cast floating parameters like mlx_lm.convert does (respecting cast_predicate)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map_with_path
+
+    dt = getattr(mx, dtype)
+    keep = getattr(model, "cast_predicate", lambda _: True)
+
+    def cast(k, v):
+        return v.astype(dt) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v
+
+    model.update(tree_map_with_path(cast, model.parameters()))
+
+
+def _materialize(model, desc: str):
+    """Evaluate the (lazy) parameters block by block, with a progress bar."""
+    import mlx.core as mx
+    from tqdm import tqdm
+
+    blocks = []
+    inner = getattr(model, "model", None) or getattr(model, "language_model", None)
+    layers = getattr(inner, "layers", None) if inner is not None else getattr(model, "layers", None)
+    if isinstance(layers, list) and layers:
+        blocks = list(layers)
+    for b in tqdm(blocks, desc=desc, unit="layer", disable=None, leave=False):
+        mx.eval(b.parameters())
+    mx.eval(model.parameters())
+
+
+def convert_target(src: Path, stage: Path, *, config: dict, weights: WeightFiles, dtype=None,
+                   quantize=False, q_bits=None, q_group_size=None, q_mode="affine", log=print):
+    """Write the MLX model + config + tokenizer into ``stage`` (an empty dir)."""
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    from .heads import quant_defaults
+
+    model, config = _build_model(src, dict(config), weights)
+    if dtype is None:
+        dtype = config.get("torch_dtype") or config.get("dtype")
+        if dtype is None and isinstance(config.get("text_config"), dict):
+            dtype = config["text_config"].get("dtype") or config["text_config"].get("torch_dtype")
+    if dtype in DTYPES:
+        log(f"dtype: {dtype}")
+        _cast(model, dtype)
+    if quantize:
+        gs, bits = quant_defaults(q_mode, q_group_size, q_bits)
+        log(f"quantizing: {bits}-bit {q_mode}, group size {gs}")
+        model, config = quantize_model(model, config, gs, bits, mode=q_mode)
+    _materialize(model, "quantizing" if quantize else "converting")
+    save_model(stage, model, donate_model=True)
+    save_config(config, config_path=stage / "config.json")
+    copy_tokenizer(src, stage, log=log)
+    return config
