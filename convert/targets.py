@@ -44,6 +44,29 @@ def copy_tokenizer(src: Path, dst: Path, log=print) -> list:
     return copied
 
 
+def rope_overrides(config: dict) -> dict:
+    """Lift transformers-5 ``rope_parameters`` to the top-level ``rope_theta`` /
+    ``rope_scaling`` most mlx-lm model classes read. Without this a re-saved
+    Qwen2 silently gets mlx-lm's default base (1e6) and a Llama-3.1 loses its
+    500000 base and llama3 scaling."""
+    out = {}
+    for cfg, prefix in ((config, None), (config.get("text_config"), "text_config")):
+        rp = cfg.get("rope_parameters") if isinstance(cfg, dict) else None
+        if not isinstance(rp, dict) or "rope_theta" not in rp:
+            continue  # absent, or per-layer-type dicts that their model classes read themselves
+        fix = {}
+        if cfg.get("rope_theta") is None:
+            fix["rope_theta"] = rp["rope_theta"]
+        kind = rp.get("rope_type") or rp.get("type") or "default"
+        if kind != "default" and not cfg.get("rope_scaling"):
+            fix["rope_scaling"] = dict(rp)
+        if fix and prefix:
+            out[prefix] = {**cfg, **fix}
+        else:
+            out.update(fix)
+    return out
+
+
 def _build_model(src: Path, config: dict, weights: WeightFiles):
     """The mlx-lm model with the source weights loaded (lazily where possible)."""
     import mlx.nn as nn  # noqa: F401  (mlx must import before mlx_lm models)
@@ -53,7 +76,7 @@ def _build_model(src: Path, config: dict, weights: WeightFiles):
         # mlx-lm's own loader: also handles pre-quantized checkpoints
         # (AWQ/GPTQ, mxfp4, fp8, compressed-tensors) via quantization_config.
         try:
-            model, config = load_model(src, lazy=True)
+            model, config = load_model(src, lazy=True, model_config=rope_overrides(config))
         except ConvertError:
             raise
         except Exception as e:
@@ -64,6 +87,7 @@ def _build_model(src: Path, config: dict, weights: WeightFiles):
         raise ConvertError(src / "config.json", "pre-quantized .bin checkpoints are not supported")
     try:
         config = load_config(src)  # as load_model does: picks up generation_config eos ids
+        config.update(rope_overrides(config))
         model_cls, args_cls = _get_classes(config)
         model = model_cls(args_cls.from_dict(config))
     except Exception as e:
