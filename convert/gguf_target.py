@@ -136,6 +136,12 @@ def gguf_metadata(reader, keys_prefixes=None) -> dict:
     return meta
 
 
+def _f32(x) -> float:
+    """A float read from a float32 field, as the shortest decimal that rounds
+    back to it (1e-06 rather than 9.999999974752427e-07)."""
+    return float(np.format_float_scientific(np.float32(x), unique=True))
+
+
 def _scalar(value, what, path):
     """Per-layer arrays (some GGUFs store head counts per layer) -> one value."""
     if isinstance(value, (list, tuple)):
@@ -173,7 +179,7 @@ def _infer_llama3_rope(factors: np.ndarray, base: float, dims: int, meta_orig, p
     factors = np.asarray(factors, dtype=np.float64).reshape(-1)
     if np.allclose(factors, 1.0):
         return None
-    factor = float(factors.max())
+    factor = _f32(factors.max())
     wavelens = 2 * np.pi * base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
     origs = [int(meta_orig)] if meta_orig else []
     origs += [8192, 4096, 16384, 32768, 2048, 65536, 131072]
@@ -243,9 +249,9 @@ def gguf_to_hf_config(meta: dict, shapes: dict, path="<gguf>", rope_freqs=None) 
         raise GGUFError(
             path, f"partial RoPE (rope.dimension_count {rope_dims} < head_dim {head_dim}) not supported"
         )
-    eps = float(get("attention.layer_norm_rms_epsilon", 1e-6 if arch != "llama" else 1e-5))
+    eps = _f32(get("attention.layer_norm_rms_epsilon", 1e-6 if arch != "llama" else 1e-5))
     ctx = int(get("context_length", 4096))
-    theta = float(get("rope.freq_base", 10000.0))
+    theta = _f32(get("rope.freq_base", 10000.0))
     tied = "output.weight" not in shapes
 
     rope_scaling = None
@@ -255,15 +261,15 @@ def gguf_to_hf_config(meta: dict, shapes: dict, path="<gguf>", rope_freqs=None) 
     if stype in (None, "none") and sfactor not in (None, 0, 1, 1.0) and arch != "llama":
         stype = "linear"
     if stype == "linear" and sfactor not in (None, 0, 1, 1.0):
-        rope_scaling = {"rope_type": "linear", "factor": float(sfactor)}
+        rope_scaling = {"rope_type": "linear", "factor": _f32(sfactor)}
     elif stype == "yarn":
-        rope_scaling = {"rope_type": "yarn", "factor": float(sfactor or 1.0)}
+        rope_scaling = {"rope_type": "yarn", "factor": _f32(sfactor or 1.0)}
         if orig_ctx:
             rope_scaling["original_max_position_embeddings"] = int(orig_ctx)
         for k_meta, k_hf in (("rope.scaling.yarn_beta_fast", "beta_fast"),
                              ("rope.scaling.yarn_beta_slow", "beta_slow")):
             if get(k_meta) is not None:
-                rope_scaling[k_hf] = float(get(k_meta))
+                rope_scaling[k_hf] = _f32(get(k_meta))
     elif stype not in (None, "none", "linear"):
         raise GGUFError(path, f"RoPE scaling type {stype!r} not supported")
     if rope_freqs is not None:
@@ -312,8 +318,9 @@ def gguf_to_hf_config(meta: dict, shapes: dict, path="<gguf>", rope_freqs=None) 
             qpas = float(head_dim)
         config.update(
             {
-                "rope_local_base_freq": float(get("rope.freq_base_swa", 10000.0)),
-                "query_pre_attn_scalar": qpas,
+                "rope_local_base_freq": _f32(get("rope.freq_base_swa", 10000.0)),
+                # transformers' strict Gemma3TextConfig (read by AutoTokenizer) wants an int
+                "query_pre_attn_scalar": int(qpas) if float(qpas).is_integer() else qpas,
                 "sliding_window": int(get("attention.sliding_window", 4096)),
                 "sliding_window_pattern": int(pattern),
                 "hidden_activation": "gelu_pytorch_tanh",
