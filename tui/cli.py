@@ -1,0 +1,233 @@
+"""`eagle3-mlx chat`: command line of the terminal chat.
+
+    eagle3-mlx chat [--model M] [--draft D] [--system TEXT] [--temp T] [--top-p P]
+                    [--max-tokens N] [--top-k-tree K --depth D --total-tokens N]
+                    [--plain] [--smoke "question"]
+
+Also runnable as ``python -m eagle3_mlx.tui.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ChatSetupError
+
+USAGE_HINT = (
+    "Start the chat with a target model and its EAGLE-3 draft head:\n"
+    "  eagle3-mlx chat --model <mlx-lm model dir or HF repo> --draft <EAGLE-3 head dir or HF repo>\n"
+    "(`eagle3-mlx convert` turns official, SpecForge and speculators heads into the MLX head format)."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eagle3-mlx chat",
+        description="Terminal chat that shows EAGLE-3 speculative decoding at work "
+                    "(tokens per step, draft vs target tokens, speed against plain decoding).",
+    )
+    p.add_argument("--model", help="target model: mlx-lm directory or Hugging Face repo "
+                                   "(default: the product's default model)")
+    p.add_argument("--draft", help="EAGLE-3 draft head: MLX head directory or Hugging Face repo")
+    p.add_argument("--system", default="", help="system prompt")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy; default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")
+    p.add_argument("--max-tokens", type=int, default=512, help="maximum tokens per answer (default 512)")
+    tree = p.add_argument_group("draft tree (default: the engine's)")
+    tree.add_argument("--top-k-tree", type=int, help="children expanded per draft node (1 = chain)")
+    tree.add_argument("--depth", type=int, help="draft depth (steps of the head per round)")
+    tree.add_argument("--total-tokens", type=int, help="draft tokens verified per target step")
+    p.add_argument("--plain", action="store_true", help="start with plain decoding (no speculation)")
+    p.add_argument("--smoke", metavar="QUESTION",
+                   help="no UI: load, answer QUESTION once, print the answer and a statistics line, exit")
+    return p
+
+
+def _validate(args, parser) -> None:
+    tree = [args.top_k_tree, args.depth, args.total_tokens]
+    if any(t is not None for t in tree) and any(t is None for t in tree):
+        parser.error("--top-k-tree, --depth and --total-tokens go together")
+    if any(t is not None and t < 1 for t in tree):
+        parser.error("tree options must be positive")
+    if args.max_tokens < 1:
+        parser.error("--max-tokens must be positive")
+    if not 0.0 <= args.top_p <= 1.0:
+        parser.error("--top-p must be in [0, 1]")
+    if args.temp < 0:
+        parser.error("--temp must be >= 0")
+
+
+def tree_kwargs(args) -> dict:
+    if args.top_k_tree is None:
+        return {}
+    return {"top_k": args.top_k_tree, "depth": args.depth, "total_tokens": args.total_tokens}
+
+
+def _call_with_progress(fn: Callable, progress: Callable[..., None], *args):
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "progress" in params:
+        return fn(*args, progress=progress)
+    return fn(*args)
+
+
+def _name(path: Any) -> str:
+    s = str(path).rstrip("/")
+    return Path(s).name if "/" in s and Path(s).exists() else s
+
+
+def resolve_paths(model: str | None, draft: str | None, progress: Callable[..., None]):
+    """Model and draft paths; the default model when neither is given."""
+    if model and draft:
+        return model, draft
+    if draft and not model:
+        raise ChatSetupError(f"--draft was given without --model.\n{USAGE_HINT}")
+    try:
+        from eagle3_mlx import default_model as dm  # written by the demo issue
+    except ImportError:
+        dm = None
+    ensure = getattr(dm, "ensure_default_model", None)
+    head_path = getattr(dm, "default_head_path", None)
+    if model and not draft:
+        if head_path is not None:
+            try:
+                found = _call_with_progress(head_path, progress, model)
+            except TypeError:
+                found = None
+            if found:
+                return model, str(found)
+        raise ChatSetupError(f"No EAGLE-3 draft head is known for {model}; pass one with --draft.\n{USAGE_HINT}")
+    if ensure is None or head_path is None:
+        raise ChatSetupError(f"No default model is available in this installation.\n{USAGE_HINT}")
+    progress("Preparing the default model (the first run downloads it)…")
+    got = _call_with_progress(ensure, progress)
+    if isinstance(got, (tuple, list)):
+        model_path = got[0]
+        draft_path = got[1] if len(got) > 1 else None
+    else:
+        model_path, draft_path = got, None
+    if draft_path is None:
+        draft_path = head_path()
+    if not model_path:
+        raise ChatSetupError(f"The default model could not be prepared.\n{USAGE_HINT}")
+    if not draft_path:
+        raise ChatSetupError(
+            f"The default model ({model_path}) has no EAGLE-3 draft head available yet.\n"
+            f"Pass a head explicitly: eagle3-mlx chat --model {model_path} --draft <EAGLE-3 head dir>")
+    return str(model_path), str(draft_path)
+
+
+def make_loader(model: str | None, draft: str | None, tree: dict | None = None):
+    """A loader for EngineThread: runs on the engine thread, returns the engine."""
+    tree = dict(tree or {})
+
+    def loader(progress: Callable[..., None]):
+        m, d = resolve_paths(model, draft, progress)
+        progress(f"Loading {_name(m)} with draft head {_name(d)}…")
+        from eagle3_mlx.api import load
+
+        if "progress" in _params(load):
+            return load(m, d, progress=progress, **tree)
+        return load(m, d, **tree)
+
+    return loader
+
+
+def _params(fn) -> dict:
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def model_label(model: str | None, draft: str | None) -> str:
+    if not model and not draft:
+        return "default model"
+    if model and draft:
+        return f"{_name(model)} + {_name(draft)}"
+    return _name(model or draft)
+
+
+def settings_from_args(args):
+    from .screens import ChatSettings
+
+    return ChatSettings(temp=args.temp, top_p=args.top_p, max_tokens=args.max_tokens, system=args.system,
+                        top_k_tree=args.top_k_tree, depth=args.depth, total_tokens=args.total_tokens)
+
+
+def stats_line(r: Any, ttft_ms: float | None = None) -> str:
+    def g(name, spec, unit=""):
+        v = getattr(r, name, None)
+        return "–" if v is None else f"{v:{spec}}{unit}"
+
+    parts = [f"{g('generation_tokens', 'd')} tokens", f"{g('tokens_per_step', '.2f')} tokens/step",
+             f"{g('generation_tps', '.1f')} tok/s", f"draft {g('draft_ms', '.2f')} ms",
+             f"verify {g('verify_ms', '.2f')} ms", f"peak {g('peak_memory', '.2f')} GB"]
+    if ttft_ms is not None:
+        parts.append(f"first token {ttft_ms:.0f} ms")
+    parts.append(f"finish {getattr(r, 'finish_reason', None)}")
+    return "[" + " · ".join(parts) + "]"
+
+
+def smoke(args) -> int:
+    """Answer one question without the UI (CI check of the README command)."""
+    import time
+
+    def progress(text, fraction=None):
+        print(text, file=sys.stderr, flush=True)
+
+    try:
+        engine = make_loader(args.model, args.draft, tree_kwargs(args))(progress)
+    except ChatSetupError as exc:
+        print(f"eagle3-mlx chat: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a message, not a traceback
+        from .engine_thread import describe_load_error
+
+        print(f"eagle3-mlx chat: {describe_load_error(exc)}", file=sys.stderr)
+        return 1
+    msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.smoke}]
+    last = None
+    t0 = time.perf_counter()
+    ttft = None
+    for r in engine.stream_generate(msgs, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
+                                    speculative=not args.plain):
+        if ttft is None:
+            ttft = (time.perf_counter() - t0) * 1000
+        sys.stdout.write(r.text)
+        sys.stdout.flush()
+        last = r
+    print()
+    if last is not None:
+        print(stats_line(last, ttft))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    _validate(args, parser)
+    if args.smoke is not None:
+        return smoke(args)
+
+    from .app import ChatApp
+
+    app = ChatApp(make_loader(args.model, args.draft, tree_kwargs(args)),
+                  settings=settings_from_args(args), model_label=model_label(args.model, args.draft))
+    app.plain = args.plain
+    app.run()
+    if app.load_error:
+        print(f"eagle3-mlx chat: {app.load_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
