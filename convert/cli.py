@@ -65,10 +65,15 @@ def _convert_gguf(src: Path, out: Path, args, quant):
             raise ConvertError(src, "GGUF conversion is not available in this installation "
                                     "(eagle3_mlx.convert.gguf_target is missing)") from None
         raise ConvertError(src, f"GGUF conversion needs a missing package ({short(e)})") from None
+    kw = dict(dtype=args.dtype, quantize=quant is not None, log=_say)
+    if quant:
+        kw.update(q_bits=quant[1], q_group_size=quant[0], q_mode=args.q_mode)
     with staged_output(out, args.force) as stage:
-        convert_gguf(src, stage, dtype=args.dtype, quantize=quant is not None,
-                     q_bits=quant[1] if quant else args.q_bits,
-                     q_group_size=quant[0] if quant else args.q_group_size, q_mode=args.q_mode)
+        try:
+            convert_gguf(src, stage, **kw)
+        except ValueError as e:  # GGUFError (a ValueError) already names file and reason
+            path, reason = getattr(e, "path", None), getattr(e, "reason", None)
+            raise ConvertError(path or src, reason or short(e)) from None
     _say(f"wrote MLX model to {out}")
 
 

@@ -351,8 +351,13 @@ def test_gguf_dispatch(tmp_path, monkeypatch, capsys):
 
     calls = []
 
-    def fake_convert_gguf(src_path, out_dir, *, dtype, quantize, q_bits, q_group_size, q_mode):
+    def fake_convert_gguf(src_path, out_dir, *, dtype, quantize, q_bits=4, q_group_size=64,
+                          q_mode="affine", log=None):
         calls.append((src_path, out_dir, dtype, quantize, q_bits, q_group_size, q_mode))
+        if dtype == "float16":  # stand-in for GGUFError: a ValueError with path + reason
+            err = ValueError("x")
+            err.path, err.reason = str(src_path), "truncated: tensor data ends early"
+            raise err
         (out_dir / "config.json").write_text("{}")
 
     gguf = tmp_path / "m.gguf"
@@ -360,10 +365,14 @@ def test_gguf_dispatch(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "eagle3_mlx.convert.gguf_target",
                         types.SimpleNamespace(convert_gguf=fake_convert_gguf))
     assert convert(gguf, tmp_path / "out", "-q") == 0
+    assert "detected: GGUF target model (m.gguf)" in capsys.readouterr().out
     (src, stage, dtype, quantize, q_bits, gs, mode), = calls
     assert src == gguf and stage.parent == tmp_path and stage.name.startswith(".out.partial-")
     assert (quantize, q_bits, gs, mode) == (True, 4, 64, "affine")
     assert (tmp_path / "out" / "config.json").exists()
+    assert convert(gguf, tmp_path / "bad", "--dtype", "float16") == 1
+    assert capsys.readouterr().err == f"eagle3-mlx convert: error: {gguf}: truncated: tensor data ends early\n"
+    assert not (tmp_path / "bad").exists()
     monkeypatch.setitem(sys.modules, "eagle3_mlx.convert.gguf_target", None)  # module absent
     assert convert(gguf, tmp_path / "out2") == 1
     assert "GGUF conversion is not available" in capsys.readouterr().err

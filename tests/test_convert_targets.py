@@ -110,19 +110,19 @@ def test_sharded_safetensors_and_bin(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------
-# no torch needed below: the tiny mlx-lm test target uses the HF tensor names
+# no torch needed below: the tiny_llama_dir mlx-lm test target uses the HF tensor names
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_target(tmp_path_factory.mktemp("tiny") / "llama", "llama")
+def tiny_llama_dir(tmp_path_factory):
+    return make_tiny_target(tmp_path_factory.mktemp("tiny_llama_dir") / "llama", "llama")
 
 
-def test_tokenizer_and_chat_template_carried(tiny, tmp_path):
+def test_tokenizer_and_chat_template_carried(tiny_llama_dir, tmp_path):
     from mlx_lm import load
 
-    assert convert(tiny, tmp_path / "out") == 0
+    assert convert(tiny_llama_dir, tmp_path / "out") == 0
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        assert (tmp_path / "out" / f).read_bytes() == (tiny / f).read_bytes()
+        assert (tmp_path / "out" / f).read_bytes() == (tiny_llama_dir / f).read_bytes()
     _, tok = load(str(tmp_path / "out"))
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
                                    tokenize=False)
@@ -130,35 +130,35 @@ def test_tokenizer_and_chat_template_carried(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantized_target_loads_and_generates(tiny, tmp_path, bits):
+def test_quantized_target_loads_and_generates(tiny_llama_dir, tmp_path, bits):
     import mlx.nn as nn
     from mlx_lm import generate, load
 
-    assert convert(tiny, tmp_path / "q", "-q", "--q-bits", bits) == 0
+    assert convert(tiny_llama_dir, tmp_path / "q", "-q", "--q-bits", bits) == 0
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization"] == {"group_size": 64, "bits": bits, "mode": "affine"}
     model, tok = load(str(tmp_path / "q"))
     assert isinstance(model.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
     out = generate(model, tok, "The quick brown fox", max_tokens=5, verbose=False)
     assert isinstance(out, str) and len(tok.encode(out)) >= 1
-    full = mlx_logits(tiny)
+    full = mlx_logits(tiny_llama_dir)
     q = mlx_logits(tmp_path / "q")
     assert np.corrcoef(full.ravel(), q.ravel())[0, 1] > (0.99 if bits == 8 else 0.9)
 
 
-def test_mxfp4_and_dtype(tiny, tmp_path):
-    assert convert(tiny, tmp_path / "fp4", "-q", "--q-mode", "mxfp4") == 0
+def test_mxfp4_and_dtype(tiny_llama_dir, tmp_path):
+    assert convert(tiny_llama_dir, tmp_path / "fp4", "-q", "--q-mode", "mxfp4") == 0
     cfg = json.loads((tmp_path / "fp4" / "config.json").read_text())
     assert cfg["quantization"]["mode"] == "mxfp4" and cfg["quantization"]["group_size"] == 32
-    assert convert(tiny, tmp_path / "bf16", "--dtype", "bfloat16") == 0
+    assert convert(tiny_llama_dir, tmp_path / "bf16", "--dtype", "bfloat16") == 0
     w = mx.load(str(tmp_path / "bf16" / "model.safetensors"))
     assert w["model.layers.0.self_attn.q_proj.weight"].dtype == mx.bfloat16
 
 
-def test_truncated_safetensors(tiny, tmp_path, capsys):
+def test_truncated_safetensors(tiny_llama_dir, tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
-    for f in tiny.iterdir():
+    for f in tiny_llama_dir.iterdir():
         (src / f.name).write_bytes(f.read_bytes())
     f = src / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-4096])
@@ -170,10 +170,10 @@ def test_truncated_safetensors(tiny, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no staging leftovers
 
 
-def test_missing_shard_and_unsupported_model(tiny, tmp_path, capsys):
+def test_missing_shard_and_unsupported_model(tiny_llama_dir, tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
-    for f in tiny.iterdir():
+    for f in tiny_llama_dir.iterdir():
         (src / f.name).write_bytes(f.read_bytes())
     (src / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
@@ -187,17 +187,17 @@ def test_missing_shard_and_unsupported_model(tiny, tmp_path, capsys):
     assert "Model type no_such_arch not supported" in capsys.readouterr().err
 
 
-def test_bin_target_errors(tiny, tmp_path, capsys):
+def test_bin_target_errors(tiny_llama_dir, tmp_path, capsys):
     import pickle
 
     from _convert_fixtures import write_pickle_zip, write_torch_zip
 
     src = tmp_path / "src"
     src.mkdir()
-    for f in tiny.iterdir():
+    for f in tiny_llama_dir.iterdir():
         if f.suffix != ".safetensors":
             (src / f.name).write_bytes(f.read_bytes())
-    w = {k: np.array(v) for k, v in mx.load(str(tiny / "model.safetensors")).items()}
+    w = {k: np.array(v) for k, v in mx.load(str(tiny_llama_dir / "model.safetensors")).items()}
     w.pop("model.norm.weight")
     write_torch_zip(src / "pytorch_model.bin", w)
     assert convert(src, tmp_path / "out") == 1
