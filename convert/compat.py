@@ -73,11 +73,11 @@ def head_target_problems(head_config, target_config) -> list:
         where = "aux_layer_ids" if aux is not None else f"default aux_layer_ids [2, L//2, L-3] for L={tl}"
         if len(ids) != 3:
             problems.append(f"{where} has {len(ids)} entries; an EAGLE-3 head reads exactly 3 target layers")
-        # HF hidden-states index: 0 = embedding output ... L = output of the
-        # last layer (before the final norm).
-        bad = [i for i in ids if not isinstance(i, int) or i < 0 or i > tl]
+        # HF hidden-states index k = the input of decoder layer k (0 = embedding
+        # output); the engine captures before layers 0..L-1.
+        bad = [i for i in ids if not isinstance(i, int) or i < 0 or i >= tl]
         if bad:
-            problems.append(f"{where} {ids} out of range for a target with {tl} layers (valid: 0..{tl})")
+            problems.append(f"{where} {ids} out of range for a target with {tl} layers (valid: 0..{tl - 1})")
     return problems
 
 

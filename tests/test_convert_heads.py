@@ -239,15 +239,17 @@ def test_quantized_head(tmp_path, ref, converted, bits):
 
 def test_compat_check_names_the_numbers():
     head = HeadConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                      vocab_size=384, draft_vocab_size=96, target_hidden_size=64, aux_layer_ids=[2, 3, 9])
+                      vocab_size=384, draft_vocab_size=96, target_hidden_size=64, aux_layer_ids=[2, 3, 8])
     check_head_against_target(head, {"hidden_size": 64, "vocab_size": 384, "num_hidden_layers": 9})
+    with pytest.raises(HeadTargetMismatch, match=r"valid: 0\.\.7"):
+        check_head_against_target(head, {"hidden_size": 64, "vocab_size": 384, "num_hidden_layers": 8})
     with pytest.raises(HeadTargetMismatch) as e:
         check_head_against_target(head, {"hidden_size": 128, "vocab_size": 500, "num_hidden_layers": 6})
     msg = str(e.value)
     assert "\n" not in msg
     assert "128" in msg and "64" in msg  # hidden
     assert "384" in msg and "500" in msg  # vocab
-    assert "[2, 3, 9]" in msg and "6 layers" in msg  # aux ids beyond depth
+    assert "[2, 3, 8]" in msg and "6 layers" in msg  # aux ids beyond depth
     assert "cannot share the target's embedding" in msg
     # nested text_config (multimodal wrappers) and dict-style head configs
     check_head_against_target(head.to_dict(), {"text_config": {"hidden_size": 64, "vocab_size": 384,
