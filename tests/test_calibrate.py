@@ -1,0 +1,297 @@
+"""Calibration: the optimiser on synthetic cost curves, the acceptance model,
+teacher-forced rank measurement, the per-machine cache and the CLI helper."""
+
+import json
+
+import mlx.core as mx
+import pytest
+
+from eagle3_mlx import calibrate as C
+from eagle3_mlx import testing
+from eagle3_mlx.tree import TreeSpec
+
+WIDTHS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+def good_head_acceptance(levels=9, ranks=8):
+    """A decent trained head: top-1 ~0.7, a few percent at ranks 2-4."""
+    q = []
+    for j in range(levels):
+        t1 = 0.72 * 0.97**j
+        q.append([t1] + [0.08 * 0.55**r for r in range(ranks - 1)])
+    return C.AcceptanceModel(q=q)
+
+
+def draft_costs(a=1.0, b=0.4):
+    return {k: (a, b * (1 + 0.05 * k)) for k in (1, 2, 3, 4, 6, 8)}
+
+
+def free_verify():
+    """A big GPU: 64 tokens cost about as much as one."""
+    return C.CostModel({T: 20.0 + 0.02 * T for T in WIDTHS}, draft_costs())
+
+
+def cpu_verify():
+    """A small CPU: every extra verified token costs 60% of a decode step."""
+    return C.CostModel({T: 20.0 * (1 + 0.6 * (T - 1)) for T in WIDTHS}, draft_costs())
+
+
+def test_free_verify_picks_wider_deeper_tree_than_linear_cpu_cost():
+    acc = good_head_acceptance()
+    gpu, _ = C.optimise(free_verify(), acc)
+    cpu, _ = C.optimise(cpu_verify(), acc)
+    assert gpu.spec.num_nodes > cpu.spec.num_nodes
+    assert gpu.spec.depth >= cpu.spec.depth
+    assert gpu.spec.num_nodes >= 24          # uses a big tree when verification is free
+    assert cpu.spec.num_nodes <= 8           # stays small when every token costs
+    assert gpu.tau > cpu.tau
+    # Both beat plain decoding with a good head.
+    assert gpu.speedup > 1.5 and cpu.speedup > 1.0
+
+
+def test_optimiser_returns_the_argmax_of_its_candidates():
+    costs, acc = cpu_verify(), good_head_acceptance()
+    best, cands = C.optimise(costs, acc)
+    top = max(c.tps for c in cands)
+    assert best.tps >= top * (1 - 0.005)
+    assert cands[0].tps == top
+    # Candidate numbers agree with evaluate() on the same tree.
+    again = C.evaluate(best.spec, costs, acc)
+    assert again.tau == pytest.approx(best.tau)
+    assert again.tps == pytest.approx(best.tps)
+    assert best.speedup == pytest.approx(best.tps * costs.baseline_ms / 1000)
+
+
+def test_useless_head_gets_the_smallest_tree():
+    acc = C.AcceptanceModel(q=[[0.0] * 8 for _ in range(9)])
+    best, _ = C.optimise(free_verify(), acc)
+    assert best.spec.num_nodes == 2 and best.spec.depth == 1
+    assert best.tau == pytest.approx(1.0)
+
+
+def test_confident_top1_head_prefers_a_chain_on_cpu():
+    q = [[0.9] + [0.002] * 7 for _ in range(9)]
+    best, _ = C.optimise(cpu_verify(), C.AcceptanceModel(q=q))
+    assert best.spec.top_k == 1
+    assert best.spec.num_nodes >= 3
+
+
+def test_tau_curve_product_model():
+    # One level, chain: tau = 1 + q1.
+    acc = C.AcceptanceModel(q=[[0.5, 0.2], [0.4, 0.1]])
+    assert acc.expected_tau(TreeSpec(1, 1, 2)) == pytest.approx(1.5)
+    # Chain of two: 1 + 0.5 + 0.5*0.4
+    assert acc.expected_tau(TreeSpec(1, 1, 3)) == pytest.approx(1.7)
+    # top_k 2, keep the 3 best nodes: r1 (0.5), r1r1 (0.2), r2 (0.2)
+    assert acc.expected_tau(TreeSpec(2, 1, 4)) == pytest.approx(1.9)
+    # rho scales the gain
+    acc.rho = 0.5
+    assert acc.expected_tau(TreeSpec(1, 1, 2)) == pytest.approx(1.25)
+
+
+def test_tau_curve_from_samples_is_the_mean_accepted_length():
+    # 60 positions: 30 accept ranks (1,1), 20 accept (2,), 10 accept nothing.
+    seqs = [[1, 1]] * 30 + [[2]] * 20 + [[]] * 10
+    acc = C.AcceptanceModel.from_rank_sequences(seqs, levels=3, max_rank=4)
+    assert len(acc.samples) == 60
+    assert acc.q[0][0] == pytest.approx(30 / 60, abs=0.02)
+    # chain of 2 drafts: 30 samples accept 2 tokens
+    assert acc.expected_tau(TreeSpec(1, 1, 3)) == pytest.approx(1 + 60 / 60)
+    # top_k 2, all nodes: also the rank-2 ones
+    assert acc.expected_tau(TreeSpec(2, 1, 7)) == pytest.approx(1 + (60 + 20) / 60)
+
+
+def test_cost_model_interpolates_and_roundtrips():
+    c = C.CostModel({1: 10, 4: 16, 8: 30}, {1: (1, 1), 4: (2, 3)}, overhead_ms=0.5)
+    assert c.verify(2) == pytest.approx(12)
+    assert c.verify(6) == pytest.approx(23)
+    assert c.draft(2, 3) == pytest.approx((1 + 1 / 3) + (1 + 2 / 3) * 3)
+    assert c.step(1, 1, 4) == pytest.approx(2 + 16 + 0.5)
+    c2 = C.CostModel.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert c2.verify(6) == pytest.approx(c.verify(6)) and c2.draft(4, 2) == pytest.approx(c.draft(4, 2))
+
+
+def test_monotone_fit():
+    assert C.monotone({1: 5, 2: 3, 4: 6, 8: 5, 16: 9}) == {1: 4, 2: 4, 4: 5.5, 8: 5.5, 16: 9}
+
+
+def test_parse_tree():
+    assert C.parse_tree("auto") is None
+    s = C.parse_tree("4,5,24")
+    assert (s.top_k, s.depth, s.total_tokens) == (4, 5, 24)
+    with pytest.raises(ValueError):
+        C.parse_tree("4,5")
+
+
+# ---------------------------------------------------------------------------- MLX
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    testing.make_tiny_target(d, "qwen2", tokenizer_kind="word", vocab_size=48)
+    model, tok = testing.load_tiny_target(d)
+    testing.to_float32(model)
+    head = testing.make_random_head(model, draft_vocab_size=40)
+    return model, tok, head
+
+
+def test_teacher_forced_ranks_match_sequential_drafting(tiny):
+    """The batched rank measurement equals drafting one root at a time the way
+    tree.py does (stable cache up to the root, chain rows, RoPE positions)."""
+    model, tok, head = tiny
+    from eagle3_mlx.target import TargetModel
+
+    t = TargetModel(model, head.config.aux_layer_ids)
+    prompt = [5, 9, 11, 7, 20, 21]
+    cont = [3 + (7 * i) % 45 for i in range(12)]
+    levels, maxr = 3, 40
+    got = C.measure_ranks(t, head, prompt, cont, levels=levels, max_rank=maxr)
+    x = mx.array(prompt + cont)
+    S = x.shape[0]
+    _, feats = t.forward(x[None], t.make_cache())
+    embed = lambda ids: head.embed(ids, t.embed_tokens)  # noqa: E731
+    t2d = C._target_to_draft(head, t.vocab_size)
+
+    def rank(lg, tokid):
+        d = int(t2d[tokid].item())
+        if d < 0:
+            return maxr + 1
+        lg = lg.astype(mx.float32)
+        return int((lg > lg[d]).sum().item()) + 1
+
+    want = []
+    for n in range(len(prompt), S - levels):
+        dc = head.make_cache()
+        out, lg = head(embed(x[None, 1 : n + 1]), feats[:, :n], cache=dc, mask="causal", from_target=True)
+        h = out[:, -1:]
+        rs = [rank(lg[0, -1], int(x[n + 1].item()))]
+        for i in range(1, levels):
+            mask = mx.ones((1, n + i), dtype=mx.bool_)
+            h, lg = head(embed(x[None, n + i : n + i + 1]), h, cache=dc, mask=mask, positions=n + i - 1,
+                         from_target=False)
+            rs.append(rank(lg[0, -1], int(x[n + i + 1].item())))
+        s = []
+        for r in rs:
+            if r > maxr:
+                break
+            s.append(r)
+        want.append(s)
+    assert got == want
+    assert len(got) == len(cont) - levels
+
+
+def test_calibrate_end_to_end_and_cache(tiny, tmp_path):
+    from eagle3_mlx.engine import Engine
+
+    model, tok, head = tiny
+    eng = Engine(model, tok, head, top_k=2, depth=2, total_tokens=6)
+    cal = C.calibrate(eng, quick=True, directory=tmp_path)
+    assert (eng.spec.top_k, eng.spec.depth, eng.spec.total_tokens) == (2, 2, 6)   # restored
+    spec = cal.spec
+    assert 2 <= spec.num_nodes <= max(C.QUICK["widths"])
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1
+    rec = json.loads(files[0].read_text())
+    for field in ("key", "costs", "acceptance", "choice"):
+        assert field in rec
+    assert set(rec["key"]) >= {"model", "head", "quantization", "device", "mlx"}
+    # Cached: a second call loads instead of measuring.
+    again = C.calibrate(eng, quick=True, directory=tmp_path)
+    assert again.created == cal.created
+    # resolve_tree: explicit trees pass through, auto uses the cache.
+    assert C.resolve_tree(eng, "3,2,8").total_tokens == 8
+    s = C.resolve_tree(eng, "auto", directory=tmp_path)
+    assert (s.top_k, s.depth, s.num_nodes) == (spec.top_k, spec.depth, spec.num_nodes)
+    # The report renders.
+    assert "chosen tree" in C.format_report(cal)
+
+
+def test_cache_invalidated_when_model_quantization_device_or_mlx_change(tiny, tmp_path):
+    import mlx.nn as nn
+
+    from eagle3_mlx.api import cast_floating
+
+    model, tok, head = tiny
+    dev = {"backend": "cpu", "device_name": "test", "cpu": "x", "cpu_count": 2, "blas": "openblas"}
+    key = C.calibration_key(model, head, device=dev, mlx_version="0.32.4")
+    costs = C.CostModel({1: 1.0, 2: 1.2, 4: 1.5}, {1: (0.1, 0.1)})
+    acc = C.AcceptanceModel(q=[[0.5]])
+    C.save_calibration(C.Calibration(key=key, costs=costs, acceptance=acc), tmp_path)
+    assert C.load_calibration(key, tmp_path) is not None
+    assert C.load_calibration(C.calibration_key(model, head, device=dev, mlx_version="0.32.4"),
+                              tmp_path) is not None
+
+    # mlx version
+    assert C.load_calibration(C.calibration_key(model, head, device=dev, mlx_version="0.33.0"),
+                              tmp_path) is None
+    # device (another backend, another BLAS)
+    for change in ({"backend": "metal"}, {"blas": "default"}, {"device_name": "Apple M4"}):
+        assert C.load_calibration(C.calibration_key(model, head, device={**dev, **change},
+                                                    mlx_version="0.32.4"), tmp_path) is None
+    # model: another checkpoint of the same architecture
+    d2 = tmp_path / "other"
+    testing.make_tiny_target(d2, "qwen2", tokenizer_kind="word", vocab_size=48, seed=7)
+    other, _ = testing.load_tiny_target(d2)
+    testing.to_float32(other)
+    assert C.model_identity(other)["digest"] != C.model_identity(model)["digest"]
+    assert C.load_calibration(C.calibration_key(other, head, device=dev, mlx_version="0.32.4"),
+                              tmp_path) is None
+    # head
+    head2 = testing.make_random_head(model, draft_vocab_size=40, seed=9)
+    assert C.load_calibration(C.calibration_key(model, head2, device=dev, mlx_version="0.32.4"),
+                              tmp_path) is None
+    # quantization: dtype and weight quantization
+    other16, _ = testing.load_tiny_target(d2)
+    cast_floating(other16, "bfloat16")
+    k16 = C.calibration_key(other16, head, device=dev, mlx_version="0.32.4")
+    assert k16["quantization"].startswith("bfloat16")
+    qm, _ = testing.load_tiny_target(d2)
+    nn.quantize(qm, group_size=32, bits=4)
+    kq = C.calibration_key(qm, head, device=dev, mlx_version="0.32.4")
+    assert kq["quantization"].startswith("q4g32")
+    assert C.key_digest(kq) != C.key_digest(k16)
+    # A file whose stored key does not match exactly is ignored.
+    p = C.cache_path(key, tmp_path)
+    rec = json.loads(p.read_text())
+    rec["key"]["mlx"] = "other"
+    p.write_text(json.dumps(rec))
+    assert C.load_calibration(key, tmp_path) is None
+
+
+def test_cache_dir_follows_eagle3_mlx_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("EAGLE3_MLX_HOME", str(tmp_path))
+    assert C.cache_dir() == tmp_path / "calibration"
+    monkeypatch.delenv("EAGLE3_MLX_HOME")
+    assert C.cache_dir().parts[-2:] == ("eagle3-mlx", "calibration")
+
+
+def test_online_tuner_lowers_rho_and_shrinks_tree(tmp_path):
+    class FakeEngine:
+        def __init__(self, spec):
+            self.spec = spec
+
+        def set_tree(self, top_k, depth, total_tokens):
+            self.spec = TreeSpec(top_k, depth, total_tokens)
+
+    class R:
+        speculative = True
+        new_step = True
+
+        def __init__(self, i, n):
+            self.step_index, self.step_tokens = i, n
+
+    acc = good_head_acceptance()
+    costs = C.CostModel({T: 20.0 * (1 + 0.08 * (T - 1)) for T in WIDTHS}, draft_costs())
+    cal = C.Calibration(key={"model": {"model_type": "x", "digest": "0"}}, costs=costs, acceptance=acc)
+    best, _ = cal.pick()
+    eng = FakeEngine(best.spec)
+    tuner = C.OnlineTuner(eng, cal, every=20, directory=tmp_path)
+    for i in range(1, 41):          # the head does much worse live: tau 1.1
+        tuner.observe(R(i, 2 if i % 10 == 0 else 1))
+    new = tuner.maybe_retune()
+    assert acc.rho < 0.5
+    assert best.spec.num_nodes >= 4
+    assert new is not None and new.num_nodes < best.spec.num_nodes
+    assert eng.spec.num_nodes == new.num_nodes
+    assert list(tmp_path.glob("*.json"))     # rho persisted
