@@ -87,6 +87,13 @@ class Engine:
         check_compatible(head, self.target)
         self.spec = TreeSpec(top_k, depth, total_tokens)
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        if kv_bits:
+            args = model.args
+            hd = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+            if hd % kv_group_size:
+                raise ValueError(
+                    f"kv_group_size {kv_group_size} does not divide the target's head_dim {hd}"
+                )
         self.max_context = max_context or self.target.max_position_embeddings
         self.prefill_step_size = prefill_step_size
         self.prompt_tokens_processed = 0
@@ -144,27 +151,27 @@ class Engine:
         c = max(0, min(common - 1, len(ids) - 1, self._draft_len))
         trim_cache(self._tcache, c)
         trim_cache(self._dcache, c)
-        self._quantize_if_needed(len(ids) - c)
         rest = mx.array(ids[c:], dtype=mx.int32)[None]
-        feats, logits = [], None
         n = rest.shape[1]
-        for s in range(0, n, self.prefill_step_size):
-            chunk = rest[:, s : s + self.prefill_step_size]
-            last = s + chunk.shape[1] >= n
-            logits, f = self.target.forward(chunk, self._tcache, logits_rows=slice(-1, None) if last else slice(0, 0))
+        feats = []
+        # Like mlx-lm: all but the last prompt token in chunks, then (with
+        # kv_bits) the cache is quantized, then the last token gives the logits.
+        for s in range(0, n - 1, self.prefill_step_size):
+            chunk = rest[:, s : min(s + self.prefill_step_size, n - 1)]
+            _, f = self.target.forward(chunk, self._tcache, logits_rows=slice(0, 0))
             feats.append(f)
-            if not last:
-                mx.eval(f, [cc.state for cc in self._tcache])
+            mx.eval(f, [cc.state for cc in self._tcache])
+        self._quantize_cache()
+        logits, f = self.target.forward(rest[:, n - 1 :], self._tcache)
+        feats.append(f)
         self.prompt_tokens_processed += n
         self._tokens = list(ids)
         self._draft_len = c
         return logits[0, -1], mx.concatenate(feats, axis=1), c
 
-    def _quantize_if_needed(self, n_new: int):
+    def _quantize_cache(self):
         if not self.kv_bits:
             return
-        # As mlx-lm does with quantized_kv_start=0: the prompt's KV is stored
-        # quantized from the first generated token on.
         for i, c in enumerate(self._tcache):
             if hasattr(c, "to_quantized") and c.keys is not None:
                 self._tcache[i] = c.to_quantized(group_size=self.kv_group_size, bits=self.kv_bits)

@@ -89,15 +89,17 @@ class TargetModel:
 
         self.is_gemma = self.model_type.startswith("gemma")
         self.windows = self._layer_windows(args)
-        self._state = _PositionState()
+        # Wrap each layer's RoPE once per model; adapters created later on the
+        # same model share the wrappers' position state.
+        first = self.layers[0].self_attn.rope
+        self._state = first._state if isinstance(first, PositionalRope) else _PositionState()
         self.supports_tree = True
         for layer in self.layers:
             attn = layer.self_attn
-            if isinstance(attn.rope, PositionalRope):
-                attn.rope = attn.rope._inner
-            if type(attn.rope).__name__ == "DynamicNTKScalingRoPE":
+            if not isinstance(attn.rope, PositionalRope):
+                attn.rope = PositionalRope(attn.rope, self._state)
+            if type(attn.rope._inner).__name__ == "DynamicNTKScalingRoPE":
                 self.supports_tree = False
-            attn.rope = PositionalRope(attn.rope, self._state)
 
     # -- structure -----------------------------------------------------------------
 

@@ -103,7 +103,9 @@ def make_tokenizer(path, vocab_size: int = 384, kind: str = "bpe"):
 FAMILY_DEFAULTS = {
     "llama": dict(model_type="llama", rope_theta=10000.0),
     "mistral": dict(model_type="mistral", rope_theta=1000000.0),
-    "qwen2": dict(model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True),
+    # qwen2 derives head_dim = hidden / heads; 2 heads keep it at 32 (KV quantization groups)
+    "qwen2": dict(model_type="qwen2", rope_theta=1000000.0, tie_word_embeddings=True,
+                  num_attention_heads=2, num_key_value_heads=1),
     "qwen3": dict(model_type="qwen3", rope_theta=1000000.0, tie_word_embeddings=True),
     "gemma3": dict(
         model_type="gemma3_text",
@@ -123,7 +125,7 @@ def tiny_target_config(family: str = "llama", vocab_size: int = 384, **overrides
         num_hidden_layers=6,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=32,
         vocab_size=vocab_size,
         rms_norm_eps=1e-5,
         max_position_embeddings=4096,
@@ -134,7 +136,7 @@ def tiny_target_config(family: str = "llama", vocab_size: int = 384, **overrides
     return cfg
 
 
-def _init_weights(model: nn.Module, seed: int, scale: float):
+def _init_weights(model: nn.Module, seed: int, scale: float, layer_scale: float | None = None):
     """Deterministic random weights with a larger spread than mlx's defaults so
     tiny random models have peaked (non-uniform) next-token distributions."""
     mx.random.seed(seed)
@@ -144,14 +146,20 @@ def _init_weights(model: nn.Module, seed: int, scale: float):
         if name.endswith("norm.weight") or "layernorm" in name:
             new.append((name, mx.ones_like(p) if "gemma" not in type(model).__module__ else mx.zeros_like(p)))
         else:
-            new.append((name, mx.random.normal(p.shape) * scale))
+            s = layer_scale if (layer_scale is not None and ".layers." in f".{name}") else scale
+            new.append((name, mx.random.normal(p.shape) * s))
     model.load_weights(new)
     mx.eval(model.parameters())
 
 
 def make_tiny_target(path, family: str = "llama", *, seed: int = 0, tokenizer_kind: str = "bpe",
-                     vocab_size: int = 384, weight_scale: float = 0.08, **overrides):
-    """Write a random tiny mlx-lm model plus tokenizer to ``path``; returns path."""
+                     vocab_size: int = 384, weight_scale: float = 0.08,
+                     layer_scale: float | None = None, **overrides):
+    """Write a random tiny mlx-lm model plus tokenizer to ``path``; returns path.
+
+    ``layer_scale`` (default: ``weight_scale``) sets the spread of the decoder
+    layers' weights; a small value makes the next token depend mostly on the
+    current one, which oracle heads in tests can then predict."""
     from mlx_lm.utils import _get_classes, save_config, save_model
 
     path = Path(path)
@@ -159,7 +167,7 @@ def make_tiny_target(path, family: str = "llama", *, seed: int = 0, tokenizer_ki
     cfg = tiny_target_config(family, vocab_size=vocab_size, **overrides)
     model_cls, args_cls = _get_classes(cfg)
     model = model_cls(args_cls.from_dict(cfg))
-    _init_weights(model, seed, weight_scale)
+    _init_weights(model, seed, weight_scale, layer_scale)
     weights = dict(tree_flatten(model.parameters()))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
