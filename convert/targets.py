@@ -69,7 +69,6 @@ def rope_overrides(config: dict) -> dict:
 
 def _build_model(src: Path, config: dict, weights: WeightFiles):
     """The mlx-lm model with the source weights loaded (lazily where possible)."""
-    import mlx.nn as nn  # noqa: F401  (mlx must import before mlx_lm models)
     from mlx_lm.utils import _get_classes, load_config, load_model
 
     if weights.kind == "safetensors":
