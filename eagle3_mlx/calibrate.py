@@ -1116,18 +1116,25 @@ def format_report(cal: Calibration, *, top: int = 8) -> str:
     return "\n".join(lines)
 
 
-def _default_model_args(args):
-    if args.model and args.draft:
-        return args.model, args.draft
+def default_model_paths(model: Optional[str], draft: Optional[str]) -> Tuple[str, str]:
+    """--model/--draft, filled in from the default model when left out."""
+    if model and draft:
+        return model, draft
     try:
         from . import default_model
     except ImportError:
-        default_model = None
-    if default_model is None:
-        raise SystemExit("eagle3-mlx calibrate: error: pass --model and --draft "
-                         "(the default model is not available in this install)")
-    model = args.model or str(default_model.ensure_default_model())
-    draft = args.draft or str(default_model.default_head_path())
+        raise ValueError("pass --model and --draft (the default model is not available in this "
+                         "install)") from None
+    if not draft:
+        head = default_model.default_head_path()
+        if head is None:
+            raise ValueError(f"{default_model.NO_HEAD_MESSAGE}; pass --draft HEAD_DIR")
+        draft = str(head)
+    if not model:
+        try:
+            model = str(default_model.ensure_default_model())
+        except default_model.DefaultModelError as e:
+            raise ValueError(str(e)) from None
     return model, draft
 
 
@@ -1176,9 +1183,9 @@ def main(argv=None) -> int:
 
     from . import api
 
-    model, draft = _default_model_args(args)
-    dtype = args.dtype or default_dtype()
     try:
+        model, draft = default_model_paths(args.model, args.draft)
+        dtype = args.dtype or default_dtype()
         engine = api.load(model, draft, model_dtype=dtype)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"eagle3-mlx calibrate: error: {e}", file=sys.stderr)

@@ -1,0 +1,594 @@
+"""``eagle3-mlx bench``: speculative decoding against plain mlx-lm decoding.
+
+For every prompt (MT-bench first turns by default, chat template applied,
+greedy by default) the same process runs plain ``mlx_lm.stream_generate`` on
+the same model and the EAGLE-3 engine on the same token ids, interleaved
+(alternating which goes first) after a warm-up, and reports:
+
+* tau   = generated tokens / target forwards (bonus token included; the
+          prefill forward that yields the first token counts as one),
+* tok/s = (tokens - 1) / (time from the first to the last token) for both, so
+          prompt processing is excluded the same way on both sides,
+* speedup = spec tok/s / plain tok/s,
+* whether the two outputs are token-identical.
+
+Totals pool tokens and seconds over all prompts (speedup = total spec tok/s /
+total plain tok/s); the per-category summary does the same per category.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform as _platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from . import calibrate as cal_mod
+from .prompts import BenchPrompt, PromptSetError, load_prompts
+from .tree import TreeSpec
+
+#: Tree shapes compared by ``--grid`` (top_k, depth, total_tokens): chains,
+#: narrow and wide trees, small to large. The auto-calibrated tree is added.
+DEFAULT_GRID = [
+    (1, 1, 3), (1, 2, 4), (1, 3, 5), (1, 5, 7), (2, 2, 6), (2, 3, 8), (2, 4, 10),
+    (3, 3, 12), (4, 3, 16), (4, 4, 16), (4, 5, 24), (6, 5, 32), (8, 6, 48), (8, 8, 64),
+]
+
+
+def tree_label(spec: TreeSpec) -> str:
+    return f"{spec.top_k},{spec.depth},{spec.num_nodes}"
+
+
+# ----------------------------------------------------------------------------------
+# machine
+# ----------------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    import mlx.core as mx
+
+    dev = cal_mod.device_description()
+    try:
+        from importlib.metadata import version
+
+        mlx_lm_version = version("mlx-lm")
+    except Exception:
+        mlx_lm_version = "?"
+    info = {
+        "platform": _platform.platform(),
+        "python": _platform.python_version(),
+        "cpu": dev.get("cpu"),
+        "cpu_count": dev.get("cpu_count"),
+        "backend": dev.get("backend"),
+        "device": dev.get("device_name") or dev.get("cpu"),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm_version,
+        "openblas_preloaded": cal_mod.openblas_loaded(),
+    }
+    if "memory_gb" in dev:
+        info["memory_gb"] = dev["memory_gb"]
+    return info
+
+
+def describe_machine(m: dict) -> str:
+    blas = "OpenBLAS preloaded" if m.get("openblas_preloaded") else "no OpenBLAS"
+    if m.get("backend") != "cpu":
+        blas = ""
+    gpu = f" | GPU {m['device']}" if m.get("backend") != "cpu" else ""
+    return (f"{m['platform']} | CPU {m['cpu']} x{m['cpu_count']}{gpu} | backend {m['backend']}"
+            f"{' | ' + blas if blas else ''} | mlx {m['mlx']} | mlx-lm {m['mlx_lm']}")
+
+
+# ----------------------------------------------------------------------------------
+# one run of each kind
+# ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    tokens: List[int] = field(default_factory=list)
+    text: str = ""
+    first_s: float = 0.0          # call -> first token (prompt processing)
+    decode_s: float = 0.0         # first token -> last token
+    steps: int = 0                # target forwards (spec runs)
+    draft_ms: float = 0.0
+    verify_ms: float = 0.0
+    finish: Optional[str] = None
+
+    @property
+    def decode_tokens(self) -> int:
+        return max(0, len(self.tokens) - 1)
+
+    @property
+    def tps(self) -> Optional[float]:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 and self.decode_tokens else None
+
+
+def run_plain(model, tokenizer, ids: list, max_tokens: int, temp: float = 0.0,
+              seed: Optional[int] = None) -> Run:
+    """Plain mlx-lm decoding of ``ids``."""
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    kw = {}
+    if temp > 0:
+        kw["sampler"] = make_sampler(temp)
+    if seed is not None:
+        mx.random.seed(seed)
+    run = Run()
+    t0 = time.perf_counter()
+    t_first = t_last = None
+    for r in stream_generate(model, tokenizer, list(ids), max_tokens=max_tokens, **kw):
+        now = time.perf_counter()
+        if t_first is None:
+            t_first = now
+        t_last = now
+        run.tokens.append(int(r.token))
+        run.text += r.text
+        run.finish = r.finish_reason
+    if t_first is not None:
+        run.first_s = t_first - t0
+        run.decode_s = t_last - t_first
+    return run
+
+
+def run_spec(engine, ids: list, max_tokens: int, temp: float = 0.0, seed: Optional[int] = None) -> Run:
+    """EAGLE-3 speculative decoding of ``ids`` (fresh caches, no prefix reuse)."""
+    engine.reset()
+    run = Run()
+    t0 = time.perf_counter()
+    t_first = t_last = None
+    for r in engine.stream_generate(list(ids), max_tokens=max_tokens, temp=temp, seed=seed):
+        now = time.perf_counter()
+        if r.token >= 0:
+            if t_first is None:
+                t_first = now
+            t_last = now
+            run.tokens.append(int(r.token))
+        run.text += r.text
+        run.steps = r.steps
+        run.finish = r.finish_reason
+        if r.new_step:
+            run.draft_ms += r.draft_ms
+            run.verify_ms += r.verify_ms
+    if t_first is not None:
+        run.first_s = t_first - t0
+        run.decode_s = t_last - t_first
+    engine.reset()
+    return run
+
+
+def first_mismatch(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def row_for(item: "Item", spec_run: Run, plain: Run, tree: TreeSpec, greedy: bool) -> dict:
+    mm = first_mismatch(spec_run.tokens, plain.tokens)
+    st, pt = spec_run.tps, plain.tps
+    return {
+        "id": item.prompt.id,
+        "category": item.prompt.category,
+        "turn": item.turn,
+        "tree": tree_label(tree),
+        "prompt_tokens": len(item.ids),
+        "tokens": len(spec_run.tokens),
+        "target_forwards": spec_run.steps,
+        "tau": len(spec_run.tokens) / spec_run.steps if spec_run.steps else None,
+        "spec_decode_tokens": spec_run.decode_tokens,
+        "spec_decode_s": spec_run.decode_s,
+        "spec_tps": st,
+        "spec_prompt_s": spec_run.first_s,
+        "draft_ms": spec_run.draft_ms,
+        "verify_ms": spec_run.verify_ms,
+        "plain_tokens": len(plain.tokens),
+        "plain_decode_tokens": plain.decode_tokens,
+        "plain_decode_s": plain.decode_s,
+        "plain_tps": pt,
+        "plain_prompt_s": plain.first_s,
+        "speedup": st / pt if st and pt else None,
+        "identical": (mm is None) if greedy else None,
+        "first_mismatch": mm if greedy else None,
+        "finish_reason": spec_run.finish,
+        "plain_finish_reason": plain.finish,
+    }
+
+
+def summarize(rows: List[dict]) -> dict:
+    """Pooled totals: tok/s = sum tokens / sum seconds; tau = sum tokens / sum forwards."""
+    tok = sum(r["tokens"] for r in rows)
+    fwd = sum(r["target_forwards"] for r in rows)
+    sdt = sum(r["spec_decode_tokens"] for r in rows)
+    sds = sum(r["spec_decode_s"] for r in rows)
+    pdt = sum(r["plain_decode_tokens"] for r in rows)
+    pds = sum(r["plain_decode_s"] for r in rows)
+    spec_tps = sdt / sds if sds > 0 else None
+    plain_tps = pdt / pds if pds > 0 else None
+    ident = [r["identical"] for r in rows if r["identical"] is not None]
+    sp = [r["speedup"] for r in rows if r["speedup"]]
+    return {
+        "prompts": len(rows),
+        "tokens": tok,
+        "target_forwards": fwd,
+        "tau": tok / fwd if fwd else None,
+        "spec_decode_tokens": sdt,
+        "spec_decode_s": sds,
+        "spec_tps": spec_tps,
+        "plain_decode_tokens": pdt,
+        "plain_decode_s": pds,
+        "plain_tps": plain_tps,
+        "speedup": spec_tps / plain_tps if spec_tps and plain_tps else None,
+        "mean_prompt_speedup": sum(sp) / len(sp) if sp else None,
+        "identical": sum(1 for x in ident if x) if ident else None,
+        "compared": len(ident),
+        "draft_ms": sum(r["draft_ms"] for r in rows),
+        "verify_ms": sum(r["verify_ms"] for r in rows),
+    }
+
+
+def by_category(rows: List[dict]) -> Dict[str, dict]:
+    cats: Dict[str, list] = {}
+    for r in rows:
+        cats.setdefault(r["category"], []).append(r)
+    return {c: summarize(rs) for c, rs in cats.items()}
+
+
+# ----------------------------------------------------------------------------------
+# the benchmark
+# ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    prompt: BenchPrompt
+    turn: int
+    messages: list
+    ids: list = field(default_factory=list)
+
+
+def encode_messages(engine, messages: list) -> list:
+    tok = engine.tokenizer
+    if getattr(tok, "chat_template", None) is not None:
+        return engine.encode(messages)
+    return engine.encode("\n\n".join(m["content"] for m in messages))
+
+
+def run_bench(engine, prompts: List[BenchPrompt], *, trees: List[TreeSpec], turns: int = 1,
+              max_tokens: int = 256, temp: float = 0.0, seed: Optional[int] = 0, warmup: bool = True,
+              progress: bool = True, system: Optional[str] = None, log=None) -> dict:
+    """Run every prompt (and turn) plainly once and speculatively once per tree.
+    Returns {"rows": {tree label: [row, ...]}, "summary": ..., "categories": ...}."""
+    greedy = temp == 0
+    log = log or (lambda s: print(s, file=sys.stderr))
+    labels = [tree_label(t) for t in trees]
+    n_items = sum(min(turns, len(p.turns)) for p in prompts)
+    rows: Dict[str, list] = {lab: [] for lab in labels}
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_items * (1 + len(trees)), unit="run", desc="bench", file=sys.stderr,
+                       dynamic_ncols=True)
+        except ImportError:
+            bar = None
+
+    def set_tree(spec):
+        engine.set_tree(top_k=spec.top_k, depth=spec.depth, total_tokens=spec.total_tokens)
+
+    base = [{"role": "system", "content": system}] if system else []
+    if warmup and prompts:
+        p0 = prompts[0]
+        ids = encode_messages(engine, base + [{"role": "user", "content": p0.turns[0]}])
+        n = min(16, max_tokens)
+        run_plain(engine.model, engine.tokenizer, ids, n, temp, seed)
+        for spec in trees:
+            set_tree(spec)
+            run_spec(engine, ids, n, temp, seed)
+
+    k = 0
+    try:
+        for p in prompts:
+            history = list(base)
+            for t in range(min(turns, len(p.turns))):
+                history.append({"role": "user", "content": p.turns[t]})
+                item = Item(p, t + 1, list(history))
+                item.ids = encode_messages(engine, item.messages)
+                spec_runs = {}
+                plain = None
+                # Alternate the order so slow drift (thermal, other load) hits both sides alike.
+                order = ["plain"] + labels if k % 2 == 0 else labels + ["plain"]
+                for what in order:
+                    if what == "plain":
+                        plain = run_plain(engine.model, engine.tokenizer, item.ids, max_tokens, temp, seed)
+                    else:
+                        spec = trees[labels.index(what)]
+                        set_tree(spec)
+                        spec_runs[what] = run_spec(engine, item.ids, max_tokens, temp, seed)
+                    if bar is not None:
+                        bar.update(1)
+                for lab, spec in zip(labels, trees):
+                    rows[lab].append(row_for(item, spec_runs[lab], plain, spec, greedy))
+                if bar is not None:
+                    s = summarize(rows[labels[0]])
+                    if s["speedup"]:
+                        bar.set_postfix(tau=f"{s['tau']:.2f}", speedup=f"{s['speedup']:.2f}x")
+                history.append({"role": "assistant", "content": plain.text})
+                k += 1
+    finally:
+        if bar is not None:
+            bar.close()
+    out = {"rows": rows, "summary": {}, "categories": {}}
+    for lab in labels:
+        out["summary"][lab] = summarize(rows[lab])
+        out["categories"][lab] = by_category(rows[lab])
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------
+
+
+def _f(x, fmt="{:.2f}", none="-"):
+    return none if x is None else fmt.format(x)
+
+
+def format_rows(rows: List[dict]) -> str:
+    lines = [f"{'id':>6} {'category':<11} {'turn':>4} {'tokens':>6} {'tau':>5} {'spec t/s':>8} "
+             f"{'plain t/s':>9} {'speedup':>7}  same"]
+    for r in rows:
+        same = {True: "yes", False: f"no@{r['first_mismatch']}", None: "n/a"}[r["identical"]]
+        lines.append(f"{r['id']:>6} {r['category'][:11]:<11} {r['turn']:>4} {r['tokens']:>6} "
+                     f"{_f(r['tau']):>5} {_f(r['spec_tps'], '{:.1f}'):>8} {_f(r['plain_tps'], '{:.1f}'):>9} "
+                     f"{_f(r['speedup'], '{:.2f}x'):>7}  {same}")
+    return "\n".join(lines)
+
+
+def format_summary(cats: Dict[str, dict], total: dict) -> str:
+    lines = [f"{'category':<12} {'prompts':>7} {'tokens':>7} {'tau':>5} {'spec t/s':>8} {'plain t/s':>9} "
+             f"{'speedup':>7} {'identical':>9}"]
+
+    def line(name, s):
+        ident = "-" if s["identical"] is None else f"{s['identical']}/{s['compared']}"
+        return (f"{name[:12]:<12} {s['prompts']:>7} {s['tokens']:>7} {_f(s['tau']):>5} "
+                f"{_f(s['spec_tps'], '{:.1f}'):>8} {_f(s['plain_tps'], '{:.1f}'):>9} "
+                f"{_f(s['speedup'], '{:.2f}x'):>7} {ident:>9}")
+
+    for c in sorted(cats):
+        lines.append(line(c, cats[c]))
+    lines.append("-" * len(lines[0]))
+    lines.append(line("overall", total))
+    return "\n".join(lines)
+
+
+def format_grid(grid: List[dict], chosen: Optional[str]) -> str:
+    lines = [f"{'tree k,d,n':<11} {'tau':>5} {'spec t/s':>8} {'speedup':>7} {'vs best':>7}"]
+    best = max((g["summary"]["spec_tps"] or 0) for g in grid) or 1.0
+    for g in sorted(grid, key=lambda g: -(g["summary"]["spec_tps"] or 0)):
+        s = g["summary"]
+        mark = "  <- auto" if g["tree"] == chosen else ""
+        lines.append(f"{g['tree']:<11} {_f(s['tau']):>5} {_f(s['spec_tps'], '{:.1f}'):>8} "
+                     f"{_f(s['speedup'], '{:.2f}x'):>7} {_f((s['spec_tps'] or 0) / best, '{:.1%}'):>7}{mark}")
+    return "\n".join(lines)
+
+
+def write_plot(path, cats: Dict[str, dict], total: dict, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(cats)
+    sp = [cats[c]["speedup"] or 0 for c in names]
+    tau = [cats[c]["tau"] or 0 for c in names]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    axes[0].bar(names, sp, color="#4C72B0")
+    axes[0].axhline(1.0, color="gray", lw=1, ls="--")
+    if total.get("speedup"):
+        axes[0].axhline(total["speedup"], color="#C44E52", lw=1.2, label=f"overall {total['speedup']:.2f}x")
+        axes[0].legend(loc="lower right")
+    axes[0].set_ylabel("speedup vs plain mlx-lm")
+    axes[0].set_title("speedup per category")
+    axes[1].bar(names, tau, color="#55A868")
+    if total.get("tau"):
+        axes[1].axhline(total["tau"], color="#C44E52", lw=1.2, label=f"overall {total['tau']:.2f}")
+        axes[1].legend(loc="lower right")
+    axes[1].set_ylabel("tau (tokens per target forward)")
+    axes[1].set_title("tau per category")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=35)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------
+
+
+def _parse_grid(text: Optional[str]) -> List[TreeSpec]:
+    if not text:
+        return [TreeSpec(*t) for t in DEFAULT_GRID]
+    return [cal_mod.parse_tree(t) for t in text.replace(";", " ").split()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eagle3-mlx bench",
+        description="Measure EAGLE-3 speculative decoding against plain mlx-lm decoding of the same "
+                    "prompts in the same process: tau, tok/s, speedup and token identity.")
+    p.add_argument("--model", default=None, help="MLX target (default: the default model)")
+    p.add_argument("--draft", default=None, help="MLX EAGLE-3 head (default: the default head)")
+    p.add_argument("--dtype", default=None, help="cast the target, e.g. float32 (default: platform default)")
+    p.add_argument("--prompts", default="mtbench", help="'mtbench' (built in) or a JSONL file")
+    p.add_argument("--turns", type=int, choices=(1, 2), default=1, help="MT-bench turns per question")
+    p.add_argument("--max-tokens", "-m", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0, help="0 = greedy (outputs must be identical)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="first N prompts (round-robin over categories)")
+    p.add_argument("--category", action="append", default=None, help="only this category (repeatable)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--tree", default="auto", help="'auto' (calibrated for this machine) or TOP_K,DEPTH,TOTAL")
+    p.add_argument("--grid", action="store_true",
+                   help="also run a grid of tree shapes and rank the auto-calibrated tree among them")
+    p.add_argument("--grid-trees", default=None, help="grid shapes, e.g. '1,3,5 4,4,16 8,6,48'")
+    p.add_argument("--recalibrate", action="store_true", help="with --tree auto: measure again")
+    p.add_argument("--quick-calibration", action="store_true",
+                   help="with --tree auto: a faster, coarser calibration when none is cached")
+    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--plot", default=None, help="write a PNG of speedup and tau per category "
+                                                  "(needs matplotlib: pip install 'eagle3-mlx[plot]')")
+    p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no per-prompt table")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    err = lambda s: print(f"eagle3-mlx bench: error: {s}", file=sys.stderr)  # noqa: E731
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            err("--plot needs matplotlib, which is not installed; install the optional extra: "
+                "pip install 'eagle3-mlx[plot]' (or pip install matplotlib)")
+            return 2
+    if args.max_tokens < 1:
+        err("--max-tokens must be >= 1")
+        return 2
+    try:
+        prompts = load_prompts(args.prompts, limit=args.limit, categories=args.category)
+        fixed = cal_mod.parse_tree(args.tree)
+        grid = _parse_grid(args.grid_trees) if args.grid else []
+    except (PromptSetError, ValueError) as e:
+        err(str(e))
+        return 2
+
+    from . import api
+
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        model, draft = cal_mod.default_model_paths(args.model, args.draft)
+        dtype = args.dtype or cal_mod.default_dtype()
+        engine = api.load(model, draft, model_dtype=dtype)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        err(str(e))
+        return 1
+
+    machine = machine_info()
+    log(f"machine: {describe_machine(machine)}")
+    calibration = None
+    if fixed is None:
+        calibration = cal_mod.calibrate(engine, force=args.recalibrate, quick=args.quick_calibration,
+                                        log=log)
+        tree = calibration.spec
+        log(f"tree: auto -> {tree} (calibrated: expected tau {calibration.choice.tau:.2f}, "
+            f"{calibration.choice.speedup:.2f}x)")
+    else:
+        tree = fixed
+        log(f"tree: {tree}")
+    trees = [tree] + [g for g in grid if tree_label(g) != tree_label(tree)]
+    n_items = sum(min(args.turns, len(p.turns)) for p in prompts)
+    log(f"{n_items} prompt turns x (plain + {len(trees)} tree{'s' if len(trees) > 1 else ''}), "
+        f"max_tokens {args.max_tokens}, temp {args.temp}")
+
+    res = run_bench(engine, prompts, trees=trees, turns=args.turns, max_tokens=args.max_tokens,
+                    temp=args.temp, seed=args.seed, warmup=not args.no_warmup,
+                    progress=not args.no_progress, system=args.system, log=log)
+    lab = tree_label(tree)
+    rows, total, cats = res["rows"][lab], res["summary"][lab], res["categories"][lab]
+
+    model_desc = {
+        "model": str(model), "draft": str(draft), "dtype": dtype,
+        "quantization": cal_mod.quantization_of(engine.model),
+        "model_type": engine.target.model_type, "layers": engine.target.num_layers,
+        "hidden_size": engine.target.hidden_size, "vocab_size": engine.target.vocab_size,
+    }
+    notes = []
+    if total["tau"] is not None and total["tau"] < 1.2:
+        notes.append(f"the draft head accepts almost nothing (tau {total['tau']:.2f}); it is untrained, "
+                     "random or made for another target, so speculation cannot speed anything up here")
+    if args.temp == 0 and total["compared"] and total["identical"] < total["compared"]:
+        notes.append(f"{total['compared'] - total['identical']} of {total['compared']} outputs differ from "
+                     "plain decoding (near-tie argmax flips between a T-token and a 1-token forward are "
+                     "possible in low precision; in float32 this should be rare)")
+    if args.temp > 0:
+        notes.append("sampling (temp > 0): outputs are equal in distribution, not token-identical")
+
+    result = {
+        "version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine,
+        "config": {
+            **model_desc, "prompts": args.prompts, "n_prompts": len(prompts), "turns": args.turns,
+            "max_tokens": args.max_tokens, "temp": args.temp, "seed": args.seed, "limit": args.limit,
+            "tree": {"top_k": tree.top_k, "depth": tree.depth, "total_tokens": tree.num_nodes,
+                     "source": "auto" if fixed is None else "fixed"},
+            "tps_definition": "(tokens - 1) / seconds from the first to the last token",
+            "tau_definition": "tokens / target forwards (bonus included; the prefill forward counts)",
+        },
+        "total": total,
+        "categories": cats,
+        "prompts": rows,
+        "notes": notes,
+    }
+    if calibration is not None:
+        result["calibration"] = {
+            "choice": calibration.choice.to_dict(),
+            "cache_file": str(cal_mod.cache_path(calibration.key)),
+            "verify_ms": calibration.costs.to_dict()["verify_ms"],
+            "acceptance_top1": [round(x, 4) for x in calibration.acceptance.top1_rates()],
+        }
+    if grid:
+        glist = [{"tree": tree_label(t), "summary": res["summary"][tree_label(t)],
+                  "categories": res["categories"][tree_label(t)]} for t in trees]
+        best = max(glist, key=lambda g: g["summary"]["spec_tps"] or 0)
+        result["grid"] = glist
+        result["grid_best"] = best["tree"]
+        if best["summary"]["spec_tps"] and total["spec_tps"]:
+            result["chosen_vs_best"] = total["spec_tps"] / best["summary"]["spec_tps"]
+
+    # ---- terminal output ----
+    print(f"\nmachine : {describe_machine(machine)}")
+    print(f"model   : {model} ({model_desc['quantization']}), draft {draft}")
+    print(f"tree    : {tree}{' (auto)' if fixed is None else ''} | prompts {args.prompts} "
+          f"({n_items} turns) | max_tokens {args.max_tokens} | temp {args.temp}")
+    if not args.quiet:
+        print()
+        print(format_rows(rows))
+    print()
+    print(format_summary(cats, total))
+    if grid:
+        print()
+        print(format_grid(result["grid"], lab if fixed is None else None))
+        if "chosen_vs_best" in result:
+            print(f"{'auto' if fixed is None else 'chosen'} tree {lab} reaches {result['chosen_vs_best']:.1%} "
+                  f"of the best grid tree {result['grid_best']}")
+    for n in notes:
+        print(f"note: {n}")
+
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot:
+        title = (f"eagle3-mlx bench: {Path(str(model)).name} + {Path(str(draft)).name}, tree {lab}, "
+                 f"{machine['backend']} {machine['device']}, mlx {machine['mlx']}")
+        write_plot(args.plot, cats, total, title)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
