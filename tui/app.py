@@ -81,6 +81,7 @@ class ChatApp(App):
         self.answers = 0
         self.errors: list[str] = []
         self.chunks_received = 0
+        self._stats_dirty = False
         self._next_id = 0
         self._load_text = "Loading model…"
         self._load_started = time.monotonic()
@@ -109,6 +110,7 @@ class ChatApp(App):
         self.query_one("#prompt", PromptInput).focus()
         self._update_status()
         self._refresh_stats()
+        self.set_interval(0.25, self._refresh_if_dirty)
         self.engine_thread.start()
 
     async def on_unmount(self) -> None:
@@ -162,6 +164,7 @@ class ChatApp(App):
         self.query_one("#status", Static).update(" · ".join(parts))
 
     def _refresh_stats(self) -> None:
+        self._stats_dirty = False
         stats = self.turn.stats if self.turn is not None else self.last_stats
         widget = self.turn.widget if self.turn is not None else None
         frac = widget.draft_fraction() if widget is not None else getattr(self, "_last_draft_fraction", None)
@@ -235,7 +238,12 @@ class ChatApp(App):
         turn.stats.update(msg.latest)
         if msg.ttft_ms is not None:
             turn.stats.ttft_ms = msg.ttft_ms
-        self._refresh_stats()
+        # The panel is redrawn a few times a second, not per chunk.
+        self._stats_dirty = True
+
+    def _refresh_if_dirty(self) -> None:
+        if self._stats_dirty:
+            self._refresh_stats()
 
     async def on_answer_done(self, msg: AnswerDone) -> None:
         turn = self.turn

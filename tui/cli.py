@@ -67,60 +67,46 @@ def tree_kwargs(args) -> dict:
     return {"top_k": args.top_k_tree, "depth": args.depth, "total_tokens": args.total_tokens}
 
 
-def _call_with_progress(fn: Callable, progress: Callable[..., None], *args):
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "progress" in params:
-        return fn(*args, progress=progress)
-    return fn(*args)
-
-
 def _name(path: Any) -> str:
     s = str(path).rstrip("/")
     return Path(s).name if "/" in s and Path(s).exists() else s
 
 
 def resolve_paths(model: str | None, draft: str | None, progress: Callable[..., None]):
-    """Model and draft paths; the default model when neither is given."""
+    """Model and draft paths; the default model (eagle3_mlx.default_model) when
+    neither is given.  Raises ChatSetupError with what to pass instead."""
     if model and draft:
         return model, draft
     if draft and not model:
         raise ChatSetupError(f"--draft was given without --model.\n{USAGE_HINT}")
+    if model and not draft:
+        raise ChatSetupError(f"--model needs its EAGLE-3 draft head: pass --draft.\n{USAGE_HINT}")
     try:
-        from eagle3_mlx import default_model as dm  # written by the demo issue
+        from eagle3_mlx import default_model as dm
     except ImportError:
         dm = None
     ensure = getattr(dm, "ensure_default_model", None)
     head_path = getattr(dm, "default_head_path", None)
-    if model and not draft:
-        if head_path is not None:
-            try:
-                found = _call_with_progress(head_path, progress, model)
-            except TypeError:
-                found = None
-            if found:
-                return model, str(found)
-        raise ChatSetupError(f"No EAGLE-3 draft head is known for {model}; pass one with --draft.\n{USAGE_HINT}")
     if ensure is None or head_path is None:
         raise ChatSetupError(f"No default model is available in this installation.\n{USAGE_HINT}")
-    progress("Preparing the default model (the first run downloads it)…")
-    got = _call_with_progress(ensure, progress)
-    if isinstance(got, (tuple, list)):
-        model_path = got[0]
-        draft_path = got[1] if len(got) > 1 else None
-    else:
-        model_path, draft_path = got, None
-    if draft_path is None:
-        draft_path = head_path()
-    if not model_path:
-        raise ChatSetupError(f"The default model could not be prepared.\n{USAGE_HINT}")
-    if not draft_path:
-        raise ChatSetupError(
-            f"The default model ({model_path}) has no EAGLE-3 draft head available yet.\n"
-            f"Pass a head explicitly: eagle3-mlx chat --model {model_path} --draft <EAGLE-3 head dir>")
-    return str(model_path), str(draft_path)
+    # Check for the head first: no point assembling the target without it.
+    head = head_path()
+    name = getattr(dm, "DEFAULT_MODEL_NAME", "the default model")
+    if not head:
+        why = getattr(dm, "NO_HEAD_MESSAGE", "no EAGLE-3 head is shipped for the default model yet")
+        raise ChatSetupError(f"The default model ({name}) cannot be used: {why}.\n{USAGE_HINT}")
+    progress(f"Preparing the default model {name} (the first run assembles and converts it)…")
+    params = _params(ensure)
+    kw = {}
+    if "log" in params:
+        kw["log"] = lambda m: progress(str(m).removeprefix("eagle3-mlx: "))
+    if "progress" in params:
+        kw["progress"] = False  # a bool there: no tqdm bars on the terminal Textual owns
+    try:
+        model_path = ensure(**kw)
+    except Exception as exc:  # noqa: BLE001 - DefaultModelError and friends
+        raise ChatSetupError(f"The default model ({name}) is not available: {exc}\n{USAGE_HINT}") from exc
+    return str(model_path), str(head)
 
 
 def make_loader(model: str | None, draft: str | None, tree: dict | None = None):
@@ -132,8 +118,6 @@ def make_loader(model: str | None, draft: str | None, tree: dict | None = None):
         progress(f"Loading {_name(m)} with draft head {_name(d)}…")
         from eagle3_mlx.api import load
 
-        if "progress" in _params(load):
-            return load(m, d, progress=progress, **tree)
         return load(m, d, **tree)
 
     return loader

@@ -294,8 +294,9 @@ class EngineThread:
             self._current = req
         self._post(AnswerStarted(req.request_id))
         before = getattr(engine, "prompt_tokens_processed", None)
-        clock = self._clock
-        t0 = last_flush = clock()
+        clock = self._clock  # reported timings (TTFT); injectable for snapshots
+        t0 = clock()
+        last_flush = time.monotonic()  # batching always uses the real clock
         ttft_ms = None
         pending: list[TokenRecord] = []
         latest = None
@@ -306,7 +307,7 @@ class EngineThread:
             if pending and not cancel_sent:
                 self._post(AnswerChunk(req.request_id, pending, latest, ttft_ms))
             pending = []
-            last_flush = clock()
+            last_flush = time.monotonic()
 
         try:
             for r in engine.stream_generate(req.prompt, speculative=req.speculative, cancel=req.cancel,
@@ -322,7 +323,7 @@ class EngineThread:
                     # the engine notices the flag at its next step boundary.
                     cancel_sent = True
                     continue
-                if first or now - last_flush >= self._flush_interval:
+                if first or time.monotonic() - last_flush >= self._flush_interval:
                     flush()
             flush()
         except Exception as exc:  # noqa: BLE001 - shown in the chat

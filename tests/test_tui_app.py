@@ -1,0 +1,226 @@
+"""Fast UI tests of `eagle3-mlx chat` with the deterministic fake engine, plus CLI checks."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import types
+
+import pytest
+
+from eagle3_mlx.tui import cli
+from eagle3_mlx.tui.app import ChatApp
+from eagle3_mlx.tui.errors import ChatSetupError
+from eagle3_mlx.tui.fake_engine import FakeEngine
+from eagle3_mlx.tui.screens import KEYS, ChatSettings, HelpScreen, SettingsScreen
+from eagle3_mlx.tui.widgets import AssistantMessage, NoticeMessage, UserMessage
+
+SIZE = (110, 36)
+
+
+async def wait_for(pilot, cond, timeout=30.0, what="condition"):
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.02)
+
+
+def fake_app(engine=None, **kw):
+    engine = engine or FakeEngine()
+    holder = {"engine": engine}
+    app = ChatApp(lambda progress: holder["engine"], model_label="fake", clock=lambda: 0.0,
+                  animate_loading=False, **kw)
+    return app, engine
+
+
+async def test_enter_sends_shift_enter_and_ctrl_j_insert_newlines():
+    app, engine = fake_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready)
+        await pilot.press("a", "shift+enter", "b", "ctrl+j", "c")
+        assert app.prompt_input.text == "a\nb\nc"
+        assert not engine.calls
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.answers == 1)
+        assert engine.calls[0]["prompt"][-1] == {"role": "user", "content": "a\nb\nc"}
+        assert app.prompt_input.text == ""
+        assert app.query_one(UserMessage).text == "a\nb\nc"
+        # empty prompts are not sent
+        await pilot.press("enter", " ", "enter")
+        await pilot.pause(0.05)
+        assert len(engine.calls) == 1
+
+
+async def test_question_while_loading_is_queued():
+    gate = threading.Event()
+
+    def slow_loader(progress):
+        progress("Loading fake…", 0.5)
+        gate.wait(10)
+        return FakeEngine()
+
+    app = ChatApp(slow_loader, animate_loading=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: "Loading fake… 50%" in str(app.query_one("#loading").render()))
+        assert not app.ready
+        await pilot.press(*"hi", "enter")  # the UI does not wait for the model
+        assert app.query(AssistantMessage) and "queued" in app.query(NoticeMessage).last().text
+        gate.set()
+        await wait_for(pilot, lambda: app.answers == 1)
+        assert app.query(AssistantMessage).last().text
+
+
+async def test_settings_screen_edits_sampling_system_prompt_and_tree():
+    app, engine = fake_app(settings=ChatSettings(max_tokens=64))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready)
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, SettingsScreen)
+        screen = app.screen
+        screen.query_one("#temp").value = "0.7"
+        screen.query_one("#top_p").value = "0.9"
+        screen.query_one("#max_tokens").value = "7"
+        screen.query_one("#top_k_tree").value = "1"
+        screen.query_one("#depth").value = "5"
+        screen.query_one("#total_tokens").value = "6"
+        screen.query_one("#system").text = "Be brief."
+        await pilot.click("#save")
+        await pilot.pause(0.05)
+        assert not isinstance(app.screen, SettingsScreen)
+        assert app.settings == ChatSettings(temp=0.7, top_p=0.9, max_tokens=7, system="Be brief.",
+                                            top_k_tree=1, depth=5, total_tokens=6)
+        await wait_for(pilot, lambda: engine.top_k == 1 and engine.depth == 5)  # set_tree ran
+        assert app.stats_panel.values["tree"] == "k1 d5 n6 (chain)"
+        await pilot.press(*"hi", "enter")
+        await wait_for(pilot, lambda: app.answers == 1)
+        call = engine.calls[-1]
+        assert call["temp"] == 0.7 and call["top_p"] == 0.9 and call["max_tokens"] == 7
+        assert call["prompt"][0] == {"role": "system", "content": "Be brief."}
+        # invalid input is refused with a message; escape cancels
+        await pilot.press("f2")
+        app.screen.query_one("#top_p").value = "3"
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, SettingsScreen)
+        assert "top p" in str(app.screen.query_one("#settings-error").render())
+        await pilot.press("escape")
+        assert not isinstance(app.screen, SettingsScreen)
+        assert app.settings.top_p == 0.9
+
+
+async def test_help_lists_every_key_and_bindings_exist():
+    app, _ = fake_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready)
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+        bound = {k.strip() for b in ChatApp.BINDINGS for k in b.key.split(",")}
+        for key in ("escape", "ctrl+n", "ctrl+t", "ctrl+b", "ctrl+s", "f1"):
+            assert key in bound
+            assert any(key in k for k, _ in KEYS)
+        assert any("ctrl+q" in k for k, _ in KEYS) and any("ctrl+p" in k for k, _ in KEYS)
+        # Textual's own command palette still opens and lists the chat's commands
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert {"New chat", "Plain decoding", "Colour by origin", "Settings", "Keys"} <= set(titles)
+        assert "Quit the application" in " ".join(c.help for c in app.get_system_commands(app.screen)) \
+            or "Quit" in titles
+
+
+async def test_new_chat_clears_history_and_resets_engine_cache():
+    app, engine = fake_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready)
+        await pilot.press(*"one", "enter")
+        await wait_for(pilot, lambda: app.answers == 1)
+        assert len(app.history) == 2
+        engine._cache.append("x")
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: engine._cache == [])
+        assert app.history == [] and not app.query(AssistantMessage)
+        assert app.stats_panel.values["tau"] == "–"
+
+
+async def test_escape_with_slow_engine_freezes_answer():
+    app, engine = fake_app(FakeEngine("word " * 400, step_delay=0.1), settings=ChatSettings(max_tokens=500))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready)
+        await pilot.press(*"go", "enter")
+        w = app.query(AssistantMessage).last()
+        await wait_for(pilot, lambda: len(w.segments) >= 3)
+        await pilot.press("escape")
+        kept = w.text
+        await wait_for(pilot, lambda: app.turn is None)
+        await pilot.pause(0.1)
+        assert w.text == kept and app.history[-1]["content"] == kept
+        assert len(kept) < len(engine.answer)
+
+
+async def test_quit_with_ctrl_q_stops_engine_thread():
+    app, _ = fake_app(FakeEngine(step_delay=0.05), settings=ChatSettings(max_tokens=500))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready)
+        await pilot.press(*"go", "enter")
+        await pilot.pause(0.1)
+        await pilot.press("ctrl+q")
+    app.engine_thread.thread.join(2)
+    assert not app.engine_thread.thread.is_alive()
+
+
+# ----------------------------------------------------------------- CLI
+def test_cli_parses_all_options():
+    p = cli.build_parser()
+    a = p.parse_args(["--model", "m", "--draft", "d", "--system", "S", "--temp", "0.5", "--top-p", "0.8",
+                      "--max-tokens", "9", "--top-k-tree", "2", "--depth", "3", "--total-tokens", "8"])
+    assert cli.tree_kwargs(a) == {"top_k": 2, "depth": 3, "total_tokens": 8}
+    s = cli.settings_from_args(a)
+    assert (s.temp, s.top_p, s.max_tokens, s.system, s.tree()) == (
+        0.5, 0.8, 9, "S", {"top_k": 2, "depth": 3, "total_tokens": 8})
+    with pytest.raises(SystemExit):
+        cli._validate(p.parse_args(["--depth", "3"]), p)
+
+
+def test_no_default_model_says_what_to_pass(monkeypatch):
+    monkeypatch.setitem(sys.modules, "eagle3_mlx.default_model", None)  # import fails
+    with pytest.raises(ChatSetupError, match="--model .*--draft"):
+        cli.resolve_paths(None, None, lambda *a: None)
+
+
+def test_default_model_without_head_says_what_to_pass(monkeypatch):
+    called = []
+    stub = types.SimpleNamespace(
+        ensure_default_model=lambda **kw: called.append(kw) or "/x/model",
+        default_head_path=lambda: None, DEFAULT_MODEL_NAME="qwen-tiny",
+        NO_HEAD_MESSAGE="no trained EAGLE-3 head is shipped")
+    monkeypatch.setitem(sys.modules, "eagle3_mlx.default_model", stub)
+    monkeypatch.setattr(sys.modules["eagle3_mlx"], "default_model", stub, raising=False)
+    with pytest.raises(ChatSetupError, match="(?s)no trained EAGLE-3 head.*--draft"):
+        cli.resolve_paths(None, None, lambda *a: None)
+    assert not called  # the target is not assembled when there is no head
+    with pytest.raises(ChatSetupError, match="--draft"):
+        cli.resolve_paths("some/model", None, lambda *a: None)
+
+
+def test_default_model_with_head_is_used(monkeypatch):
+    seen = {}
+
+    def ensure(cache_dir=None, progress=True, *, dtype=None, log=None):
+        seen.update(progress=progress, log=log)
+        log("eagle3-mlx: converting")
+        return "/cache/model"
+
+    stub = types.SimpleNamespace(ensure_default_model=ensure, default_head_path=lambda: "/heads/h")
+    monkeypatch.setitem(sys.modules, "eagle3_mlx.default_model", stub)
+    monkeypatch.setattr(sys.modules["eagle3_mlx"], "default_model", stub, raising=False)
+    notes = []
+    assert cli.resolve_paths(None, None, lambda t, f=None: notes.append(t)) == ("/cache/model", "/heads/h")
+    assert seen["progress"] is False and "converting" in notes
+
+
+def test_smoke_mode_reports_setup_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "eagle3_mlx.default_model", None)
+    assert cli.main(["--smoke", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "--draft" in err
