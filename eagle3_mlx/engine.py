@@ -56,22 +56,20 @@ class GenerationResponse:
 
 
 def check_compatible(head: Eagle3Head, target: TargetModel):
+    """Refuse a head that cannot drive this target (one line naming the sizes)."""
+    from .convert.compat import head_target_problems
+
+    dims = dict(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+                num_hidden_layers=target.num_layers)
     cfg = head.config
-    if cfg.target_hidden_size != target.hidden_size:
-        raise HeadError(
-            f"draft head expects target hidden size {cfg.target_hidden_size}, "
-            f"but the target's hidden size is {target.hidden_size}"
-        )
-    if cfg.vocab_size != target.vocab_size:
-        raise HeadError(
-            f"draft head vocabulary size {cfg.vocab_size} does not match "
-            f"the target's vocabulary size {target.vocab_size}"
-        )
-    if "embed_tokens" not in head and cfg.hidden_size != target.hidden_size:
-        raise HeadError(
-            f"draft head has hidden size {cfg.hidden_size} but no embedding, and the "
-            f"target's embedding has width {target.hidden_size}"
-        )
+    problems = head_target_problems(
+        dict(hidden_size=cfg.hidden_size, target_hidden_size=cfg.target_hidden_size,
+             vocab_size=cfg.vocab_size, draft_vocab_size=cfg.draft_vocab_size,
+             has_embedding="embed_tokens" in head, aux_layer_ids=target.aux_layer_ids),
+        dims,
+    )
+    if problems:
+        raise HeadError("draft head does not fit the target: " + "; ".join(problems))
 
 
 class Engine:

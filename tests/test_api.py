@@ -106,11 +106,11 @@ def test_mismatched_head_is_refused(tiny, tmp_path):
 
     wide_model, _ = load(str(other))
     head = make_random_head(wide_model)
-    with pytest.raises(HeadError, match="hidden size 96.*hidden size is 64"):
+    with pytest.raises(HeadError, match="target hidden size 96.*hidden_size is 64"):
         Engine(model, tok, head)
     head_v = make_random_head(model)
     head_v.config.vocab_size = 999
-    with pytest.raises(HeadError, match="999.*384"):
+    with pytest.raises(HeadError, match="vocab_size 999 != target vocab_size 384"):
         Engine(model, tok, head_v)
 
 
