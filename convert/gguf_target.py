@@ -78,13 +78,47 @@ class GGUFError(ValueError):
 # --------------------------------------------------------------------------- #
 
 
+class _Truncated(Exception):
+    pass
+
+
+def _checked_reader_class():
+    """``GGUFReader`` that checks every tensor's byte range against the file size
+    before mapping it, so a truncated file is reported as such (the stock reader
+    fails later with a reshape error).  The check uses the reader's private
+    ``_build_tensors`` hook; if that ever changes shape, it quietly steps aside."""
+    import gguf
+
+    class CheckedReader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            try:
+                size = int(self.data.shape[0])
+                for field in fields:
+                    _nlen, name_data, _ndims, dims, raw_dtype, offset_tensor = field.parts
+                    qtype = gguf.GGMLQuantizationType(int(raw_dtype[0]))
+                    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+                    n_bytes = int(np.prod(dims.astype(np.int64))) * type_size // block
+                    end = int(start_offs) + int(offset_tensor[0]) + n_bytes
+                    if end > size:
+                        name = bytes(name_data).decode("utf-8", "replace")
+                        raise _Truncated(
+                            f"truncated: tensor {name!r} needs bytes up to {end:,} but the "
+                            f"file has {size:,} bytes"
+                        )
+            except _Truncated:
+                raise
+            except Exception:
+                pass
+            return super()._build_tensors(start_offs, fields)
+
+    return CheckedReader
+
+
 def open_gguf(path):
     """Open ``path`` with ``gguf.GGUFReader`` and check it is complete.
 
     Raises :class:`GGUFError` for a missing, non-GGUF, corrupt or truncated file.
     """
-    import gguf
-
     path = Path(path)
     if not path.is_file():
         raise GGUFError(path, "no such file")
@@ -98,7 +132,9 @@ def open_gguf(path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reader = gguf.GGUFReader(path, "r")
+            reader = _checked_reader_class()(path, "r")
+    except _Truncated as e:
+        raise GGUFError(path, str(e)) from None
     except Exception as e:  # the reader raises ValueError/IndexError/... on bad headers
         raise GGUFError(
             path, f"corrupt or truncated GGUF header ({type(e).__name__}: {e})"
@@ -695,14 +731,19 @@ def convert_gguf(
     mx_dtype = getattr(mx, dtype)
 
     reader = open_gguf(src_path)
-    meta = gguf_metadata(reader)
-    shapes = _tensor_shapes(reader)
-    arch = meta.get("general.architecture")
-    rope_freqs = None
-    for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
-            rope_freqs = _dequantize(t, src_path)
-    config = gguf_to_hf_config(meta, shapes, src_path, rope_freqs=rope_freqs)
+    try:
+        meta = gguf_metadata(reader)
+        shapes = _tensor_shapes(reader)
+        arch = meta.get("general.architecture")
+        rope_freqs = None
+        for t in reader.tensors:
+            if t.name == "rope_freqs.weight":
+                rope_freqs = _dequantize(t, src_path)
+        config = gguf_to_hf_config(meta, shapes, src_path, rope_freqs=rope_freqs)
+    except GGUFError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, UnicodeDecodeError) as e:
+        raise GGUFError(src_path, f"invalid metadata ({type(e).__name__}: {e})") from None
     eos = _eos_ids(meta)
     if eos:
         config["eos_token_id"] = eos if len(eos) > 1 else eos[0]
@@ -723,17 +764,22 @@ def convert_gguf(
         + (f", {q_mode} {q_bits}-bit g{q_group_size}" if quantize else "")
     )
 
-    tokenizer = build_tokenizer(meta, src_path)  # fail early, before the heavy part
+    try:  # fail early, before the heavy part
+        tokenizer = build_tokenizer(meta, src_path)
+    except GGUFError:
+        raise
+    except Exception as e:  # tokenizers raises plain Exceptions for inconsistent vocabularies
+        raise GGUFError(src_path, f"cannot build the tokenizer ({type(e).__name__}: {e})") from None
 
     weights = _load_weights(reader, arch, config, mx_dtype, src_path, progress)
     del reader
 
-    model_cls, args_cls = _get_classes(config)
-    model = model_cls(args_cls.from_dict(config))
-    weights = model.sanitize(weights)
     try:
+        model_cls, args_cls = _get_classes(config)
+        model = model_cls(args_cls.from_dict(config))
+        weights = model.sanitize(weights)
         model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
+    except (ValueError, TypeError, KeyError) as e:
         raise GGUFError(src_path, f"tensors do not fit the {arch} model: {e}") from None
     del weights
     # keep every parameter in the requested float type (sanitize/init may add float32 ones)

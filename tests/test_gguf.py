@@ -427,7 +427,9 @@ def test_truncated_and_corrupt_files(tmp_path):
     data = src.read_bytes()
     out = tmp_path / "out"
     out.mkdir()
-    for n, what in ((len(data) - 1000, "truncated"), (len(data) // 3, ""), (100, ""), (10, "truncated")):
+    cases = ((len(data) - 1, "truncated: tensor 'output.weight'"), (len(data) // 3, "truncated: tensor"),
+             (100, "corrupt or truncated GGUF header"), (10, "truncated"))
+    for n, what in cases:
         bad = tmp_path / f"cut{n}.gguf"
         bad.write_bytes(data[:n])
         with pytest.raises(GGUFError) as e:
@@ -435,6 +437,10 @@ def test_truncated_and_corrupt_files(tmp_path):
         msg = str(e.value)
         assert str(bad) in msg and "\n" not in msg and what in msg, msg
         assert isinstance(e.value, ValueError)
+    bad = tmp_path / "corrupt.gguf"
+    bad.write_bytes(data[:40] + b"\xff\xff\xff\x7f" + data[44:])
+    with pytest.raises(GGUFError, match="corrupt or truncated GGUF header"):
+        convert_gguf(bad, out, progress=False)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"PK\x03\x04" + b"\0" * 100)
     with pytest.raises(GGUFError, match="not a GGUF file"):
