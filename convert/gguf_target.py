@@ -598,6 +598,9 @@ def _spm_bpe(meta, tokens, types, path):
     tok = Tokenizer(
         models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
     )
+    # llama.cpp semantics: with add_space_prefix, every text fragment that starts
+    # the input or follows a special token gets a leading space (as HF's legacy
+    # Llama tokenizer does through its Prepend normalizer).
     add_space = _tok_meta(meta, "add_space_prefix", True)
     steps = [normalizers.Replace(" ", "\u2581")]
     if add_space:

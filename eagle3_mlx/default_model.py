@@ -217,6 +217,10 @@ def ensure_default_model(cache_dir=None, progress: bool = True, *, dtype: Option
             return final
         parts = locate_parts()
         home.mkdir(parents=True, exist_ok=True)
+        # leftovers of a run that was killed (we hold the lock: nobody else is working)
+        for stale in home.glob(".default-model-*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=".default-model-", dir=home))
         try:
             gguf_path = tmp / "model.gguf"

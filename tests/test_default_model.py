@@ -79,8 +79,12 @@ def test_size_mismatch_is_refused(fake_parts, tmp_path, monkeypatch, convert_cal
 
 def test_assemble_convert_once_and_idempotent(fake_parts, tmp_path, monkeypatch, convert_calls):
     home = tmp_path / "home"
+    stale = home / ".default-model-killed"  # left by a run that was killed
+    stale.mkdir(parents=True)
+    (stale / "model.gguf").write_bytes(b"x")
     out = dm.ensure_default_model(home, progress=False, dtype="float32")
     assert out == dm.default_model_dir(home, "float32") and out.is_dir()
+    assert not stale.exists()
     assert len(convert_calls) == 1
     marker = json.loads((out / dm.MARKER).read_text())
     assert marker["sha256"] == dm.EXPECTED_SHA256 and marker["dtype"] == "float32"
