@@ -268,6 +268,7 @@ def base_config(model_type, vocab, *, tied, hidden=64, ffn=256, layers=2, heads=
 def assert_close(a, b, tol=1e-4):
     diff = float(mx.abs(a - b).max())
     assert diff <= tol, f"max |logits diff| {diff:.3g} > {tol}"
+    print(f"max |logits diff| = {diff:.3g}")
     return diff
 
 
@@ -462,3 +463,20 @@ def test_unsupported_architecture(tmp_path):
     out.mkdir()
     with pytest.raises(GGUFError, match="unsupported architecture 'mamba'"):
         convert_gguf(src, out, progress=False)
+
+
+@pytest.mark.parametrize("factor, low, high, orig", [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192)])
+def test_llama3_rope_recovered_from_rope_freqs(factor, low, high, orig):
+    """Llama 3.1 (factor 8) and 3.2 (factor 32) frequency factors, head_dim 128."""
+    from eagle3_mlx.convert.gguf_target import _infer_llama3_rope
+
+    base, dims = 500000.0, 128
+    wl = 2 * np.pi * base ** (np.arange(0, dims, 2) / dims)
+    smooth = (orig / wl - low) / (high - low)
+    f = np.where(wl < orig / high, 1.0, np.where(wl > orig / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+    got = _infer_llama3_rope(f.astype(np.float32), base, dims, None, "x.gguf")
+    assert got == {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                   "high_freq_factor": high, "original_max_position_embeddings": orig}
+    assert _infer_llama3_rope(np.ones(64, np.float32), base, dims, None, "x.gguf") is None
+    with pytest.raises(GGUFError, match="rope_freqs"):
+        _infer_llama3_rope(np.linspace(1, 3, 64), base, dims, None, "x.gguf")
