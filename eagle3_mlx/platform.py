@@ -107,6 +107,9 @@ def decide_openblas(
         return OpenBLASDecision(
             "skip", f"already re-executed once ({GUARD_ENV} set) but OpenBLAS is not loaded", library
         )
+    if env.get("PYTEST_CURRENT_TEST"):
+        # a test calling a CLI entry point in-process must not restart pytest
+        return OpenBLASDecision("skip", "running inside pytest: not re-executing", library)
     if not (exists or os.path.exists)(library):
         return OpenBLASDecision("missing", f"{library} not found", library)
     if not argv or len(argv) < 2:

@@ -56,6 +56,7 @@ def test_aarch64_path():
          "active", "already"),
         (dict(env={plat.GUARD_ENV: "1"}), "skip", "already re-executed"),
         (dict(exists=lambda p: False), "missing", "not found"),
+        (dict(env={"PYTEST_CURRENT_TEST": "t.py::t"}), "skip", "pytest"),
         (dict(argv=["python"]), "skip", "interactive"),
     ],
 )
@@ -95,6 +96,7 @@ def test_maybe_reexec_execs_with_decision(monkeypatch, capsys):
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.delenv(plat.GUARD_ENV, raising=False)
     monkeypatch.delenv(plat.OPT_OUT_ENV, raising=False)
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
     monkeypatch.setattr("platform.system", lambda: "Linux")
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     real_open = open
