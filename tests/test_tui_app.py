@@ -224,3 +224,28 @@ def test_smoke_mode_reports_setup_error(monkeypatch, capsys):
     assert cli.main(["--smoke", "hi"]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and "--draft" in err
+
+
+async def test_scroll_pinned_to_bottom_unless_user_scrolls_up():
+    text = "\n\n".join(f"paragraph {i} " + "word " * 12 for i in range(60))
+    app, engine = fake_app(FakeEngine(text, step_delay=0.02), settings=ChatSettings(max_tokens=2000))
+    async with app.run_test(size=(90, 24)) as pilot:
+        await wait_for(pilot, lambda: app.ready)
+        await pilot.press(*"go", "enter")
+        conv = app.conversation
+        await wait_for(pilot, lambda: conv.max_scroll_y > 20, what="overflow")
+        await pilot.pause(0.1)
+        assert conv.scroll_y >= conv.max_scroll_y - 1  # pinned while streaming
+        await pilot.press("pageup", "pageup")
+        held = conv.scroll_y
+        grown = conv.max_scroll_y
+        await wait_for(pilot, lambda: conv.max_scroll_y > grown + 5, what="more text")
+        assert conv.scroll_y == held  # the user's position is kept while text arrives
+        await pilot.press("escape")
+        while conv.scroll_y < conv.max_scroll_y:
+            await pilot.press("pagedown")
+        assert conv.scroll_y == conv.max_scroll_y
+        await pilot.press(*"again", "enter")  # a new question pins it to the bottom again
+        await wait_for(pilot, lambda: conv.max_scroll_y > held + 40, what="second answer")
+        await pilot.pause(0.1)
+        assert conv.scroll_y >= conv.max_scroll_y - 1

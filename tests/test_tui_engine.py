@@ -30,7 +30,8 @@ def visible(text: str) -> str:
 def tiny_pair(tmp_path_factory):
     from eagle3_mlx.tui.tiny_demo import build_tiny_demo
 
-    return build_tiny_demo(tmp_path_factory.mktemp("tiny_chat"))
+    # shared with test_chat_tmux.py through the session's base temp directory
+    return build_tiny_demo(tmp_path_factory.getbasetemp() / "tiny_chat", reuse=True)
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +136,7 @@ async def test_prompt_streams_answer_and_panel_matches_engine(tiny_pair):
         assert stats.last_step == final.step_tokens
         assert final.tokens_per_step > 1.0  # the tiny head's drafts are accepted at times
         assert v["tree"] == "k4 d4 n16"
-        assert v["ttft"].endswith(" ms") and v["peak_memory"].endswith(" GB")
+        assert v["ttft"].endswith(" ms") and v["peak_memory"].endswith("B")
 
 
 async def test_escape_stops_at_once_and_next_prompt_works(tiny_pair):

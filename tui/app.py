@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from textual import on
+from textual.actions import SkipAction
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -57,6 +58,8 @@ class ChatApp(App):
         Binding("ctrl+b,f4", "toggle_plain", "Plain"),
         Binding("ctrl+s,f2", "settings", "Settings"),
         Binding("f1", "help", "Help"),
+        Binding("pageup", "scroll_conversation(-1)", "Scroll up", show=False, priority=True),
+        Binding("pagedown", "scroll_conversation(1)", "Scroll down", show=False, priority=True),
     ]
 
     def __init__(self, loader: Callable[[Callable[..., None]], Any], *,
@@ -414,6 +417,17 @@ class ChatApp(App):
         self.notify("Settings saved", timeout=2)
         self._update_status()
         self._refresh_stats()
+
+    def action_scroll_conversation(self, direction: int) -> None:
+        """Page the conversation from anywhere on the main screen.  Scrolling
+        up unpins it from the bottom; paging back to the end pins it again."""
+        if self.screen is not self.screen_stack[0]:
+            raise SkipAction()  # modal screens keep their own pageup/pagedown
+        conv = self.conversation
+        if direction < 0:
+            conv.scroll_page_up(animate=False)
+        else:
+            conv.scroll_page_down(animate=False)
 
     # ------------------------------------------------------- command palette
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:

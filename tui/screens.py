@@ -23,7 +23,7 @@ KEYS: list[tuple[str, str]] = [
     ("f1", "this help"),
     ("ctrl+p", "command palette (all commands, themes)"),
     ("tab / shift+tab", "move focus (prompt, conversation)"),
-    ("pageup / pagedown", "scroll the conversation (scrolling up unpins it)"),
+    ("pageup / pagedown", "scroll the conversation (scrolling up unpins it from the bottom)"),
     ("ctrl+c", "copy selected text"),
     ("ctrl+q", "quit"),
 ]

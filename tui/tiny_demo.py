@@ -17,14 +17,19 @@ from pathlib import Path
 PROBE_PROMPTS = ["hello there", "What is MLX?", "Write a poem about the sea."]
 
 
-def build_tiny_demo(root, *, draft_vocab: int = 4, seed: int = 0) -> tuple[Path, Path]:
-    """Write ``root/target`` and ``root/head``; returns both paths."""
+def build_tiny_demo(root, *, draft_vocab: int = 4, seed: int = 0,
+                    reuse: bool = False) -> tuple[Path, Path]:
+    """Write ``root/target`` and ``root/head``; returns both paths.
+
+    ``reuse``: return existing directories written by an earlier call as they are."""
     from eagle3_mlx.engine import Engine
     from eagle3_mlx.head import d2t_from_used, save_head
     from eagle3_mlx.testing import load_tiny_target, make_random_head, make_tiny_target
 
     root = Path(root)
     target_dir, head_dir = root / "target", root / "head"
+    if reuse and (target_dir / "config.json").is_file() and (head_dir / "config.json").is_file():
+        return target_dir, head_dir
     make_tiny_target(target_dir, seed=seed)
     model, tok = load_tiny_target(target_dir)
     probe = Engine(model, tok, make_random_head(model, seed=seed + 1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Label, Markdown, Sparkline, Static, TextArea
 
@@ -141,10 +141,16 @@ def _fmt(value, spec: str, unit: str = "") -> str:
     return f"{value:{spec}}{unit}"
 
 
-class StatsPanel(Vertical):
+def _memory(gb) -> str:
+    if gb is None:
+        return "–"
+    return f"{gb:.2f} GB" if gb >= 1.0 else f"{gb * 1000:.1f} MB"
+
+
+class StatsPanel(VerticalScroll):
     """Live speculation statistics for the current (or last) answer."""
 
-    HIST_WIDTH = 14
+    HIST_WIDTH = 13
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -154,7 +160,7 @@ class StatsPanel(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static("", id="stats-head", markup=False)
-        yield Label("tokens per step", classes="caption")
+        yield Label("sparkline: tokens per step", classes="caption")
         yield Sparkline([], id="spark")
         yield Static("", id="stats-body", markup=False)
 
@@ -195,7 +201,7 @@ class StatsPanel(Vertical):
             total = s.latest["prompt_tokens"]
             new = s.new_prompt_tokens
             v["prefill"] = f"{total}" if new is None else f"{new} new / {total}"
-        v["peak_memory"] = _fmt(s.latest.get("peak_memory") if s else None, ".2f", " GB")
+        v["peak_memory"] = _memory(s.latest.get("peak_memory") if s else None)
         frac = ctx.get("draft_fraction")
         v["draft_share"] = _fmt(frac * 100 if frac is not None else None, ".0f", "%")
         self.values = v
@@ -204,15 +210,18 @@ class StatsPanel(Vertical):
         head.append(f"{'SPECULATIVE' if v['mode'] == 'speculative' else 'PLAIN DECODING'}\n", "bold")
         self._row(head, "τ tokens/step", v["tau"], bold=True)
         self._row(head, "last step", v["last_step"])
-        self._row(head, "steps", v["steps"], end="")
+        self._row(head, "tok/s", v["tps"], bold=True)
+        self._row(head, "speculative tok/s", v["spec_tps"])
+        self._row(head, "plain tok/s", v["plain_tps"])
+        self._row(head, "speedup", v["speedup"], end="")
         self._head_text = head
         self.query_one("#stats-head", Static).update(head)
 
         spark = self.query_one("#spark", Sparkline)
-        spark.data = list(s.step_lengths[-200:]) if s and s.step_lengths else [0]
+        spark.data = list(s.step_lengths[-200:]) if s and s.step_lengths else []
 
         body = Text()
-        body.append("accepted per step\n", "dim")
+        body.append("histogram: tokens per step\n", "dim")
         hist = s.histogram() if s else {}
         if hist:
             peak = max(hist.values())
@@ -224,30 +233,28 @@ class StatsPanel(Vertical):
         else:
             body.append("  –\n")
         body.append("\n")
-        self._row(body, "tok/s", v["tps"], bold=True)
-        self._row(body, "spec tok/s", v["spec_tps"])
-        self._row(body, "plain tok/s", v["plain_tps"])
-        self._row(body, "speedup", v["speedup"])
         self._row(body, "draft ms/step", v["draft_ms"])
         self._row(body, "verify ms/step", v["verify_ms"])
         self._row(body, "tree", v["tree"])
+        self._row(body, "steps", v["steps"])
         self._row(body, "tokens", v["tokens"])
         self._row(body, "session tokens", v["session_tokens"])
         self._row(body, "prompt", v["prefill"])
         self._row(body, "first token", v["ttft"])
         self._row(body, "peak memory", v["peak_memory"])
-        self._row(body, "from draft", v["draft_share"])
+        self._row(body, "from draft", v["draft_share"], end="")
         if ctx.get("coloured"):
-            body.append("\n")
+            body.append("\n\n")
             body.append(" draft ", DRAFT_STYLE)
-            body.append(" ")
+            body.append(" accepted  ")
             body.append(" target ", TARGET_STYLE)
+            body.append(" ends a step")
         self._body_text = body
         self.query_one("#stats-body", Static).update(body)
 
     @staticmethod
     def _row(text: Text, label: str, value: str, *, bold: bool = False, end: str = "\n",
-             width: int = 30) -> None:
+             width: int = 29) -> None:
         pad = max(1, width - len(label) - len(value))
         text.append(label, "dim" if not bold else "bold")
         text.append(" " * pad)
