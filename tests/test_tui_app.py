@@ -249,3 +249,14 @@ async def test_scroll_pinned_to_bottom_unless_user_scrolls_up():
         await wait_for(pilot, lambda: conv.max_scroll_y > held + 40, what="second answer")
         await pilot.pause(0.1)
         assert conv.scroll_y >= conv.max_scroll_y - 1
+
+
+def test_readme_chat_section_lists_every_key():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## Chat", 1)[1].split("\n## ", 1)[0]
+    assert "docs/chat.svg" in section
+    for keys, _ in KEYS:
+        for key in keys.split(" / "):
+            assert f"`{key}`" in section, key
