@@ -30,9 +30,21 @@ def references(tiny):
         key = (family, kv_bits)
         if key not in cache:
             model, tok = tiny(family)
-            cache[key] = [
-                reference_greedy(model, tok.encode(p), N_TOKENS, kv_bits) for p in PROMPTS[:N_PROMPTS]
-            ]
+            if family == "gemma3" and kv_bits:
+                # mlx-lm cannot quantize gemma3's rotating sliding-window caches;
+                # the reference is then the engine's own plain one-token decoding.
+                eng = Engine(model, tok, make_random_head(model), kv_bits=kv_bits, kv_group_size=32)
+                eng.tokenizer.eos_token_ids = set()
+                cache[key] = [
+                    [r.token for r in eng.stream_generate(tok.encode(p), max_tokens=N_TOKENS,
+                                                          speculative=False)]
+                    for p in PROMPTS[:N_PROMPTS]
+                ]
+            else:
+                cache[key] = [
+                    reference_greedy(model, tok.encode(p), N_TOKENS, kv_bits)
+                    for p in PROMPTS[:N_PROMPTS]
+                ]
         return cache[key]
 
     return get
