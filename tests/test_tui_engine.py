@@ -214,7 +214,7 @@ async def test_colour_toggle_shows_token_origin(tiny_pair):
 
 async def test_plain_decoding_toggle_compares_speed(tiny_pair):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=48))
+    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=24))
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.ready, what="model load")
         await ask(pilot, app, "hello there")
@@ -332,3 +332,36 @@ def test_engine_runs_on_one_thread(tiny_pair):
     ui_thread = asyncio.run(run())
     threads = {t for _, t in seen}
     assert len(seen) == 3 and len(threads) == 1 and ui_thread not in threads
+
+
+async def test_settings_change_the_real_engines_tree(tiny_pair):
+    holder: dict = {}
+    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=12))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready, what="model load")
+        assert app.stats_panel.values["tree"] == "k4 d4 n16"  # read from the engine
+        await pilot.press("ctrl+s")
+        for name, value in (("top_k_tree", "1"), ("depth", "3"), ("total_tokens", "4")):
+            app.screen.query_one(f"#{name}").value = value
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: app.stats_panel.values["tree"] == "k1 d3 n4 (chain)", what="tree")
+        spec = holder["rec"].spec
+        assert (spec.top_k, spec.depth, spec.total_tokens) == (1, 3, 4)
+        widget = await ask(pilot, app, "hello there")
+        assert widget.text
+        # a tree the engine refuses is reported, and the panel keeps the real one
+        app._apply_settings(dataclasses.replace(app.settings, top_k_tree=-1))
+        await wait_for(pilot, lambda: any("Could not change the tree" in e for e in app.errors), what="refusal")
+        assert app.stats_panel.values["tree"] == "k1 d3 n4 (chain)"
+
+
+def test_smoke_mode_answers_once_and_prints_statistics(tiny_pair, capsys):
+    from eagle3_mlx.tui import cli
+
+    model, draft = tiny_pair
+    rc = cli.main(["--model", str(model), "--draft", str(draft), "--max-tokens", "12", "--smoke", "hello there"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    stats = out.strip().splitlines()[-1]
+    assert stats.startswith("[12 tokens · ") and "tokens/step" in stats and "tok/s" in stats
+    assert "finish length" in stats

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 from textual import on
@@ -25,6 +25,7 @@ from .engine_thread import (
     GenerateRequest,
     LoadFailed,
     LoadProgress,
+    TreeSet,
 )
 from .screens import ChatSettings, HelpScreen, SettingsScreen
 from .stats import AnswerStats
@@ -282,6 +283,20 @@ class ChatApp(App):
             self.turn = None
             self.last_stats = turn.stats
         await self._add(NoticeMessage(f"Engine error: {msg.error}", error=True))
+        self._update_status()
+        self._refresh_stats()
+
+    async def on_tree_set(self, msg: TreeSet) -> None:
+        if msg.tree:
+            self._engine_tree = msg.tree
+            self.settings = replace(self.settings, top_k_tree=msg.tree["top_k"], depth=msg.tree["depth"],
+                                    total_tokens=msg.tree["total_tokens"])
+        if msg.error:
+            self.errors.append(msg.error)
+            await self._add(NoticeMessage(msg.error, error=True))
+        elif msg.tree:
+            self.notify("Tree: top-k {top_k}, depth {depth}, {total_tokens} tokens".format(**msg.tree),
+                        timeout=3)
         self._update_status()
         self._refresh_stats()
 

@@ -53,6 +53,8 @@ def _validate(args, parser) -> None:
         parser.error("--top-k-tree, --depth and --total-tokens go together")
     if any(t is not None and t < 1 for t in tree):
         parser.error("tree options must be positive")
+    if args.total_tokens is not None and args.total_tokens < 2:
+        parser.error("--total-tokens must be at least 2 (the root and one draft token)")
     if args.max_tokens < 1:
         parser.error("--max-tokens must be positive")
     if not 0.0 <= args.top_p <= 1.0:

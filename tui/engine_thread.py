@@ -78,6 +78,15 @@ class AnswerFailed(Message):
         self.error = error
 
 
+class TreeSet(Message):
+    """The tree the engine uses after a set_tree request (``error`` if refused)."""
+
+    def __init__(self, tree: dict | None, error: str | None = None) -> None:
+        super().__init__()
+        self.tree = tree
+        self.error = error
+
+
 class EngineNotice(Message):
     """A short note from the engine thread (cache reset, tree changed, errors)."""
 
@@ -276,10 +285,9 @@ class EngineThread:
         try:
             self.engine.set_tree(**req.tree)
         except Exception as exc:  # noqa: BLE001
-            self._post(EngineNotice(f"Could not change the tree: {describe_error(exc)}", error=True))
+            self._post(TreeSet(engine_tree(self.engine), f"Could not change the tree: {describe_error(exc)}"))
         else:
-            self._post(EngineNotice(
-                "Tree set to top-k {top_k}, depth {depth}, {total_tokens} tokens.".format(**req.tree)))
+            self._post(TreeSet(engine_tree(self.engine) or dict(req.tree)))
 
     def _generate(self, req: GenerateRequest) -> None:
         if req.cancel.is_set():

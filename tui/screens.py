@@ -136,7 +136,7 @@ class SettingsScreen(ModalScreen["ChatSettings | None"]):
             return x
 
         tree = [val("top_k_tree", int, 1, 64, True), val("depth", int, 1, 32, True),
-                val("total_tokens", int, 1, 1024, True)]
+                val("total_tokens", int, 2, 1024, True)]
         if any(t is None for t in tree) and any(t is not None for t in tree):
             raise ValueError("set all three tree values, or none")
         return replace(
