@@ -178,8 +178,9 @@ def test_cli_parses_all_options():
     s = cli.settings_from_args(a)
     assert (s.temp, s.top_p, s.max_tokens, s.system, s.tree()) == (
         0.5, 0.8, 9, "S", {"top_k": 2, "depth": 3, "total_tokens": 8})
+    assert cli.tree_kwargs(p.parse_args(["--depth", "3"])) == {"depth": 3}  # the rest: engine defaults
     with pytest.raises(SystemExit):
-        cli._validate(p.parse_args(["--depth", "3"]), p)
+        cli._validate(p.parse_args(["--total-tokens", "1"]), p)
 
 
 def test_no_default_model_says_what_to_pass(monkeypatch):

@@ -206,7 +206,11 @@ class ChatApp(App):
 
     async def on_engine_ready(self, msg: EngineReady) -> None:
         self.ready = True
-        self._engine_tree = msg.info.get("tree")
+        tree = msg.info.get("tree")
+        if tree:
+            self._engine_tree = tree
+            self.settings = replace(self.settings, top_k_tree=tree["top_k"], depth=tree["depth"],
+                                    total_tokens=tree["total_tokens"])
         if self._load_timer is not None:
             self._load_timer.stop()
         what = self.model_label or "model"

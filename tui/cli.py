@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512, help="maximum tokens per answer (default 512)")
     tree = p.add_argument_group("draft tree (default: the engine's)")
     tree.add_argument("--top-k-tree", type=int, help="children expanded per draft node (1 = chain)")
-    tree.add_argument("--depth", type=int, help="draft depth (steps of the head per round)")
-    tree.add_argument("--total-tokens", type=int, help="draft tokens verified per target step")
+    tree.add_argument("--depth", type=int, help="draft levels after the first")
+    tree.add_argument("--total-tokens", type=int,
+                      help="tree size verified per target step, root included (>= 2)")
     p.add_argument("--plain", action="store_true", help="start with plain decoding (no speculation)")
     p.add_argument("--smoke", metavar="QUESTION",
                    help="no UI: load, answer QUESTION once, print the answer and a statistics line, exit")
@@ -49,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(args, parser) -> None:
     tree = [args.top_k_tree, args.depth, args.total_tokens]
-    if any(t is not None for t in tree) and any(t is None for t in tree):
-        parser.error("--top-k-tree, --depth and --total-tokens go together")
     if any(t is not None and t < 1 for t in tree):
         parser.error("tree options must be positive")
     if args.total_tokens is not None and args.total_tokens < 2:
@@ -64,9 +63,9 @@ def _validate(args, parser) -> None:
 
 
 def tree_kwargs(args) -> dict:
-    if args.top_k_tree is None:
-        return {}
-    return {"top_k": args.top_k_tree, "depth": args.depth, "total_tokens": args.total_tokens}
+    """The tree options given on the command line (the engine keeps its defaults for the rest)."""
+    given = {"top_k": args.top_k_tree, "depth": args.depth, "total_tokens": args.total_tokens}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _name(path: Any) -> str:
