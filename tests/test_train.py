@@ -131,17 +131,44 @@ def test_loss_decreases_on_learnable_task(tgt, tmp_path):
 
 
 def test_collate_alignment(tgt):
-    items = _items(tgt, n_seq=1, length=12, n_prompt=5, seed=2)
-    s = items[0]["seq"]
+    items = _items(tgt, n_seq=2, length=14, n_prompt=6, seed=2)
+    items[1]["seq"] = Sequence(items[1]["seq"].tokens[:11], 4, items[1]["seq"].top1[:11].copy(), 1)
+    items[1]["seq"].top1[-1] = -1
     t2d = np.ones(tgt.vocab_size, dtype=bool)
-    feats, toks, hid, valid = collate(items, [0], t2d, steps=3)
-    n = len(s.tokens)
-    assert feats.shape[1] == n - 1 and toks.shape[1] == n - 1 + 3
-    assert toks[0, : n - 1].tolist() == s.tokens[1:].tolist()        # row t <-> x_{t+1}
-    # valid at row t: x_{t+1} is assistant and top1 at t+1 known
-    exp = [(t + 1 >= s.n_prompt) and (t + 1 <= n - 2) for t in range(n - 1)]
-    assert valid[0, : n - 1].astype(bool).tolist() == exp
-    np.testing.assert_array_equal(hid[0, : n - 1], items[0]["hid"][1:n])
+    S = 3
+    c = collate(items, [0, 1], t2d, steps=S)
+    for b, it in enumerate(items):
+        s = it["seq"]
+        n, p = len(s.tokens), s.n_prompt
+        st = max(0, p - S)
+        assert c["rows"][b, 0] == st
+        assert c["tokens"][b, : n - 1].tolist() == s.tokens[1:].tolist()   # index t <-> x_{t+1}
+        m = n - 1 - st
+        assert c["tokens_rows"][b, :m].tolist() == s.tokens[st + 1:].tolist()
+        np.testing.assert_array_equal(c["hid_rows"][b, :m], it["hid"][st + 1:n])
+        # column j <-> position st+j+1: assistant token there and its top-1 known
+        exp = [(st + j + 1 >= p) and (st + j + 1 <= n - 2) for j in range(c["valid"].shape[1])]
+        assert c["valid"][b].astype(bool).tolist() == exp
+
+
+def test_ttt_rows_equal_full(tgt):
+    """The row-gathered unroll (prompt rows skipped) equals the full unroll."""
+    head = make_random_head(tgt.model, seed=6, weight_scale=0.3)
+    B, T, S = 2, 7, 3
+    mx.random.seed(2)
+    feats = mx.random.normal((B, T, 3 * tgt.hidden_size))
+    emb = mx.random.normal((B, T + S, tgt.hidden_size))
+    full = list(ttt_forward(head, feats, emb, S))
+    starts = [2, 3]
+    R = T - min(starts)
+    rows = mx.array([[min(st + k, T - 1) for k in range(R)] for st in starts], dtype=mx.int32)
+    emb_rows = mx.stack([mx.concatenate([emb[b, st:], mx.zeros((st + 3, emb.shape[-1]))])[: R + S]
+                         for b, st in enumerate(starts)])
+    part = list(ttt_forward(head, feats, emb, S, rows=rows, emb_rows=emb_rows))
+    for s in range(S):
+        for b, st in enumerate(starts):
+            np.testing.assert_allclose(np.array(part[s][1][b, : T - st]), np.array(full[s][1][b, st:]),
+                                       rtol=2e-4, atol=2e-4)
 
 
 def test_resume_equals_uninterrupted(tgt, tmp_path):

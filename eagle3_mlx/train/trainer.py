@@ -143,30 +143,44 @@ def make_batches(items: List[dict], batch_tokens: int, max_batch_seqs: int) -> L
     return batches
 
 
-def collate(items: List[dict], idx: List[int], t2d: np.ndarray, steps: int, dtype=np.float32):
-    """numpy arrays for ttt_loss (see ttt.py): feats, tokens_ext, hid_ext, valid_ext."""
+def collate(items: List[dict], idx: List[int], t2d: np.ndarray, steps: int, dtype=np.float32) -> dict:
+    """numpy arrays for :func:`ttt_loss` with row gathering.
+
+    Index t of a sequence pairs (f_t, x_{t+1}), t = 0..n-2. Only indices
+    t >= n_prompt - steps can reach a loss at some TTT step, so the unroll runs
+    on ``rows`` = start_b + k (k < R) and the prompt indices before them only
+    provide step-0 keys/values. Columns j of ``tokens_rows``/``hid_rows``/
+    ``valid`` stand for position start_b + j + 1."""
     seqs = [items[i] for i in idx]
-    T = max(len(it["seq"].tokens) - 1 for it in seqs)
-    E = T + steps
     B = len(seqs)
+    T = max(len(it["seq"].tokens) - 1 for it in seqs)
+    starts = [max(0, it["seq"].n_prompt - steps) for it in seqs]
+    R = max(len(it["seq"].tokens) - 1 - st for it, st in zip(seqs, starts))
+    W = R + steps
     F = seqs[0]["feat"].shape[1]
     Ht = seqs[0]["hid"].shape[1]
     feats = np.zeros((B, T, F), dtype=dtype)
-    toks = np.zeros((B, E), dtype=np.int32)
-    hid = np.zeros((B, E, Ht), dtype=dtype)
-    valid = np.zeros((B, E), dtype=np.float32)
-    for b, it in enumerate(seqs):
+    tokens = np.zeros((B, T), dtype=np.int32)
+    rows = np.zeros((B, R), dtype=np.int32)
+    tok_r = np.zeros((B, W), dtype=np.int32)
+    hid_r = np.zeros((B, W, Ht), dtype=dtype)
+    valid = np.zeros((B, W), dtype=np.float32)
+    for b, (it, st) in enumerate(zip(seqs, starts)):
         s = it["seq"]
         n = len(s.tokens)
         feats[b, : n - 1] = it["feat"][: n - 1]
-        toks[b, : n - 1] = s.tokens[1:]
-        hid[b, : n - 1] = it["hid"][1:n]
-        j = np.arange(1, n)
-        top = s.top1[1:n]
+        tokens[b, : n - 1] = s.tokens[1:]
+        rows[b] = np.minimum(st + np.arange(R), T - 1)
+        m = n - 1 - st                     # positions st+1 .. n-1
+        tok_r[b, :m] = s.tokens[st + 1 : n]
+        hid_r[b, :m] = it["hid"][st + 1 : n]
+        j = np.arange(st + 1, n)
+        top = s.top1[st + 1 : n]
         ok = (j >= s.n_prompt) & (top >= 0)
         ok[ok] &= t2d[top[ok]]
-        valid[b, : n - 1] = ok
-    return feats, toks, hid, valid
+        valid[b, :m] = ok
+    return dict(feats=feats, tokens=tokens, rows=rows, tokens_rows=tok_r, hid_rows=hid_r,
+                valid=valid, T=T)
 
 
 # ----------------------------------------------------------------------------
@@ -210,16 +224,17 @@ class Trainer:
         return self.batches[int(perm[k])]
 
     def _arrays(self, items, idx):
-        feats, toks, hid, valid = collate(items, idx, self.t2d, self.cfg.steps_ttt)
+        c = collate(items, idx, self.t2d, self.cfg.steps_ttt)
         dt = getattr(mx, self.cfg.dtype)
-        feats = mx.array(feats).astype(dt)
-        emb = mx.stop_gradient(self.target.embed(mx.array(toks))).astype(dt)
-        tl = mx.array(hid) @ self.w_used.T
+        embed = lambda t: mx.stop_gradient(self.target.embed(mx.array(t))).astype(dt)
+        tl = mx.array(c["hid_rows"]) @ self.w_used.T
         tlogp = mx.stop_gradient(nn.log_softmax(tl.astype(mx.float32), axis=-1))
-        return feats, emb, tlogp, mx.array(valid)
+        return (mx.array(c["feats"]).astype(dt), embed(c["tokens"]), tlogp, mx.array(c["valid"]),
+                mx.array(c["rows"]), embed(c["tokens_rows"]))
 
-    def _loss(self, feats, emb, tlogp, valid):
-        return ttt_loss(self.head, feats, emb, tlogp, valid, self.cfg.steps_ttt, self.cfg.decay)
+    def _loss(self, feats, emb, tlogp, valid, rows, emb_rows):
+        return ttt_loss(self.head, feats, emb, tlogp, valid, self.cfg.steps_ttt, self.cfg.decay,
+                        rows=rows, emb_rows=emb_rows)
 
     # -- one step ---------------------------------------------------------------
 

@@ -49,7 +49,8 @@ def _project(attn, a, s):
 def ttt_attention(attn, q, k0, v0, extra_k: List, extra_v: List, causal_bias):
     """One softmax over [causal step-0 keys | own keys of steps 1..s at index t].
 
-    q [B, nh, T, hd]; k0, v0 [B, nkv, T, hd]; extra_k/v: s arrays [B, nkv, T, hd].
+    q [B, nh, T, hd]; k0, v0 [B, nkv, Tk, hd]; extra_k/v: s arrays [B, nkv, T, hd];
+    causal_bias broadcastable to [B, nkv, g, T, Tk].
     Returns [B, T, nh*hd] (before o_proj)."""
     B, nh, T, hd = q.shape
     nkv = k0.shape[1]
@@ -61,9 +62,10 @@ def ttt_attention(attn, q, k0, v0, extra_k: List, extra_v: List, causal_bias):
         cols.append(mx.sum(qg * kj[:, :, None], axis=-1, keepdims=True))  # [B,nkv,g,T,1]
     scores = mx.concatenate(cols, axis=-1) if len(cols) > 1 else s0
     p = mx.softmax(scores.astype(mx.float32), axis=-1, precise=True).astype(q.dtype)
-    o = p[..., :T] @ v0[:, :, None]                                 # [B, nkv, g, T, hd]
+    Tk = k0.shape[2]
+    o = p[..., :Tk] @ v0[:, :, None]                                # [B, nkv, g, T, hd]
     for j, vj in enumerate(extra_v):
-        o = o + p[..., T + j : T + j + 1] * vj[:, :, None]
+        o = o + p[..., Tk + j : Tk + j + 1] * vj[:, :, None]
     return o.reshape(B, nh, T, hd).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
 
 
@@ -72,8 +74,29 @@ def causal_bias(T: int, dtype=mx.float32):
     return mx.where(i[None, :] <= i[:, None], 0.0, -1e9).astype(dtype)
 
 
-def ttt_forward(head, feats, emb, steps: int):
-    """Yield (hidden_out, logits) for each TTT step s = 0..steps-1."""
+def _rope_rows(rope, x, pos):
+    """RoPE at per-row positions ``pos`` [B, R] for x [B, heads, R, hd]."""
+    B, H, R, D = x.shape
+    y = x.transpose(0, 2, 1, 3).reshape(B * R, H, 1, D)
+    y = rope(y, offset=pos.reshape(-1).astype(mx.int32))
+    return y.reshape(B, R, H, D).transpose(0, 2, 1, 3)
+
+
+def _heads(x, n):
+    B, R, _ = x.shape
+    return x.reshape(B, R, n, -1).transpose(0, 2, 1, 3)
+
+
+def ttt_forward(head, feats, emb, steps: int, rows=None, emb_rows=None):
+    """Yield (hidden_out, logits) for each TTT step s = 0..steps-1.
+
+    ``rows`` (optional, int [B, R], ascending per batch row): compute the
+    unroll only at these indices (the step-0 keys/values still cover all T
+    positions, which is all the other indices contribute). Outputs are then
+    [B, R, ...], row k standing for index ``rows[:, k]``. ``emb_rows``
+    [B, R + steps - 1 (or more), H]: embeddings of x_{rows+1+j} at column j, so
+    step s reads columns s..s+R-1; required with ``rows``. Without ``rows``,
+    ``emb`` must hold T + steps - 1 (or more) columns as in the module doc."""
     layer = _layer(head)
     attn = layer.self_attn
     B, T, _ = feats.shape
@@ -81,20 +104,40 @@ def ttt_forward(head, feats, emb, steps: int):
     if head.config.norm_before_fc:
         h = head.input_norm(h)
     h = head.fc(h)
-    bias = causal_bias(T, h.dtype)
-    k0 = v0 = None
+    if rows is None:
+        rows = mx.broadcast_to(mx.arange(T)[None], (B, T))
+        emb_rows = emb
+        full_rows = True
+    else:
+        full_rows = False
+    R = rows.shape[1]
+    # Step 0 over all T positions: keys/values of the real prefix.
+    hn = layer.hidden_norm(h)
+    a_full = mx.concatenate([layer.input_layernorm(emb[:, :T]), hn], axis=-1)
+    k0 = attn.rope(_heads(attn.k_proj(a_full), attn.n_kv_heads), offset=0)
+    v0 = _heads(attn.v_proj(a_full), attn.n_kv_heads)
+    if full_rows:
+        a, h_rows = a_full, h
+        bias = causal_bias(T, h.dtype)
+    else:
+        gather = lambda x: mx.take_along_axis(x, rows[..., None], axis=1)
+        a, h_rows = gather(a_full), gather(h)
+        hn = gather(hn)
+        keep = mx.arange(T)[None, None, :] <= rows[:, :, None]            # [B, R, T]
+        bias = mx.where(keep, 0.0, -1e9).astype(h.dtype)[:, None, None]     # [B,1,1,R,T]
+    h = h_rows
     ek, ev = [], []
     for s in range(steps):
-        e = emb[:, s : s + T]
-        hn = layer.hidden_norm(h)
+        if s > 0:
+            e = emb_rows[:, s : s + R]
+            hn = layer.hidden_norm(h)
+            a = mx.concatenate([layer.input_layernorm(e), hn], axis=-1)
         res = hn if layer.norm_before_residual else h
-        a = mx.concatenate([layer.input_layernorm(e), hn], axis=-1)
-        q, k, v = _project(attn, a, s)
-        if s == 0:
-            k0, v0 = k, v
-        else:
-            ek.append(k)
-            ev.append(v)
+        pos = rows + s
+        q = _rope_rows(attn.rope, _heads(attn.q_proj(a), attn.n_heads), pos)
+        if s > 0:
+            ek.append(_rope_rows(attn.rope, _heads(attn.k_proj(a), attn.n_kv_heads), pos))
+            ev.append(_heads(attn.v_proj(a), attn.n_kv_heads))
         o = ttt_attention(attn, q, k0, v0, ek, ev, bias)
         h1 = res + attn.o_proj(o)
         h = h1 + layer.mlp(layer.post_attention_layernorm(h1))
@@ -118,17 +161,26 @@ def ttt_forward_reference(head, feats, emb, steps: int):
     return out
 
 
-def ttt_loss(head, feats, emb, tlogp, valid, steps: int = 7, decay: float = 0.8):
+def ttt_loss(head, feats, emb, tlogp, valid, steps: int = 7, decay: float = 0.8,
+             rows=None, emb_rows=None, norm_T=None):
     """Σ_s decay^s · soft-CE(teacher, draft) over valid positions, each step
     normalised by B·T. Returns (loss, per-step losses [S], per-step correct [S],
-    per-step counts [S])."""
+    per-step counts [S]).
+
+    Without ``rows``: ``tlogp`` [B, T+S-1.., Vd] and ``valid`` are indexed like
+    ``emb`` (column i <-> position i+1). With ``rows`` [B, R]: they are indexed
+    like ``emb_rows`` (column j <-> index rows[:, 0] + j), and ``norm_T`` gives
+    the T of the B·T normaliser (default: the number of feature rows)."""
     B, T, _ = feats.shape
+    if norm_T is not None:
+        T = norm_T
     losses, correct, counts = [], [], []
     total = mx.array(0.0, dtype=mx.float32)
-    for s, (_, logits) in enumerate(ttt_forward(head, feats, emb, steps)):
+    for s, (_, logits) in enumerate(ttt_forward(head, feats, emb, steps, rows, emb_rows)):
+        R = logits.shape[1]
         logq = nn.log_softmax(logits.astype(mx.float32), axis=-1)
-        tl = tlogp[:, s : s + T]
-        m = valid[:, s : s + T].astype(mx.float32)
+        tl = tlogp[:, s : s + R]
+        m = valid[:, s : s + R].astype(mx.float32)
         ce = -mx.sum(mx.exp(tl) * logq, axis=-1)
         L = mx.sum(ce * m) / (B * T)
         total = total + (decay ** s) * L
