@@ -282,6 +282,8 @@ class ChatApp(App):
     async def on_answer_failed(self, msg: AnswerFailed) -> None:
         turn = self.turn
         self.errors.append(msg.error)
+        if msg.request_id != self._next_id:
+            return  # an answer the user already stopped or cleared
         if turn is not None and msg.request_id == turn.request.request_id:
             await turn.widget.finish()
             self.turn = None
