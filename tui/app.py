@@ -93,6 +93,7 @@ class ChatApp(App):
         self._animate_loading = animate_loading
         self._load_timer = None
         self._engine_tree = None
+        self._last_draft_fraction: float | None = None
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
@@ -171,7 +172,7 @@ class ChatApp(App):
         self._stats_dirty = False
         stats = self.turn.stats if self.turn is not None else self.last_stats
         widget = self.turn.widget if self.turn is not None else None
-        frac = widget.draft_fraction() if widget is not None else getattr(self, "_last_draft_fraction", None)
+        frac = widget.draft_fraction() if widget is not None else self._last_draft_fraction
         ctx = {
             "speculative": stats.speculative if stats is not None else not self.plain,
             "tree": self.tree(),
