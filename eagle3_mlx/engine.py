@@ -83,7 +83,7 @@ class Engine:
         aux = aux_layer_ids or head.config.aux_layer_ids
         self.target = TargetModel(model, aux)
         check_compatible(head, self.target)
-        self.spec = TreeSpec(top_k, depth, total_tokens)
+        self.spec = self._check_tree(TreeSpec(top_k, depth, total_tokens))
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         if kv_bits:
             args = model.args
@@ -109,7 +109,17 @@ class Engine:
     def set_tree(self, top_k: Optional[int] = None, depth: Optional[int] = None,
                  total_tokens: Optional[int] = None):
         s = self.spec
-        self.spec = TreeSpec(top_k or s.top_k, depth or s.depth, total_tokens or s.total_tokens)
+        self.spec = self._check_tree(TreeSpec(
+            s.top_k if top_k is None else top_k,
+            s.depth if depth is None else depth,
+            s.total_tokens if total_tokens is None else total_tokens,
+        ))
+
+    def _check_tree(self, spec: TreeSpec) -> TreeSpec:
+        vd = self.head.config.draft_vocab_size
+        if spec.top_k > vd:
+            raise ValueError(f"tree top_k {spec.top_k} exceeds the head's draft vocabulary size {vd}")
+        return spec
 
     def _head_embed(self, ids):
         return self.head.embed(ids, self.target.embed_tokens)

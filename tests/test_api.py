@@ -97,6 +97,10 @@ def test_bad_input(pair, tmp_path):
         list(eng.stream_generate("hi", max_tokens=3, repetition_penalty=1.2))
     with pytest.raises(ValueError, match="total_tokens"):
         Engine(model, tok, head, total_tokens=1)
+    with pytest.raises(ValueError, match="top_k"):
+        eng.set_tree(top_k=0)
+    with pytest.raises(ValueError, match="draft vocabulary size 384"):
+        eng.set_tree(top_k=400)
 
 
 def test_mismatched_head_is_refused(tiny, tmp_path):
