@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+
+from eagle3_mlx.engine import GenerationResponse
 
 DEFAULT_ANSWER = (
     "Speculative decoding lets a small **draft head** propose several tokens, "
@@ -21,26 +22,6 @@ DEFAULT_ANSWER = (
     "```\n\n"
     "Every token you see is exactly what the target alone would produce."
 )
-
-
-@dataclass
-class FakeResponse:
-    text: str
-    token: int
-    from_draft: bool
-    step_index: int
-    new_step: bool
-    step_tokens: int
-    draft_ms: float
-    verify_ms: float
-    tokens_per_step: float
-    generation_tokens: int
-    generation_tps: float
-    prompt_tokens: int
-    prompt_tps: float
-    prompt_ms: float
-    peak_memory: float
-    finish_reason: str | None
 
 
 def _pieces(text: str) -> list[str]:
@@ -130,11 +111,11 @@ class FakeEngine:
 
     def _response(self, text, token, from_draft, step_index, new_step, step_tokens, n, steps, spent_ms,
                   prompt_tokens, finish, draft_ms=None):
-        return FakeResponse(
+        return GenerationResponse(
             text=text, token=token, from_draft=from_draft, step_index=step_index, new_step=new_step,
             step_tokens=step_tokens, draft_ms=self.draft_ms_value if draft_ms is None else draft_ms,
             verify_ms=self.verify_ms_value, tokens_per_step=(n / steps) if steps else 0.0,
             generation_tokens=n, generation_tps=(n / (spent_ms / 1000.0)) if spent_ms else 0.0,
             prompt_tokens=prompt_tokens, prompt_tps=1000.0, prompt_ms=prompt_tokens / 1.0,
-            peak_memory=self.peak_memory, finish_reason=finish,
+            peak_memory=self.peak_memory, finish_reason=finish, steps=steps,
         )
