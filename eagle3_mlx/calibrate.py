@@ -721,19 +721,37 @@ def measure_draft_costs(head, target, feats, *, top_ks: Sequence[int] = DEFAULT_
             if r:
                 times[(k, d)].append(dt)
     raw = {kd: _median(ts) for kd, ts in times.items()}
-    fits = {}
-    for k in sorted(set(top_ks)):
-        pts = [(d, raw[(k, d)]) for d in sorted(set(depths))]
-        if len(pts) == 1:
-            fits[k] = (pts[0][1], 0.0)
-            continue
-        n = len(pts)
-        mx_ = sum(p[0] for p in pts) / n
-        my = sum(p[1] for p in pts) / n
-        sxx = sum((p[0] - mx_) ** 2 for p in pts)
-        b = max(0.0, sum((p[0] - mx_) * (p[1] - my) for p in pts) / sxx)
-        fits[k] = (max(0.0, my - b * mx_), b)
-    return fits, raw
+    return fit_draft_costs(raw), raw
+
+
+def _nnls(rows: List[List[float]], ys: List[float]) -> List[float]:
+    """Least squares with non-negative coefficients (active-set by elimination;
+    fine for three unknowns)."""
+    import numpy as np
+
+    A, y = np.array(rows, dtype=float), np.array(ys, dtype=float)
+    active = list(range(A.shape[1]))
+    while True:
+        coef = np.zeros(A.shape[1])
+        if active:
+            sol, *_ = np.linalg.lstsq(A[:, active], y, rcond=None)
+            coef[active] = sol
+        neg = [i for i in active if coef[i] < 0]
+        if not neg:
+            return [float(c) for c in coef]
+        active.remove(min(neg, key=lambda i: coef[i]))
+
+
+def fit_draft_costs(raw: Dict[Tuple[int, int], float]) -> Dict[int, Tuple[float, float]]:
+    """One model for every (top_k, depth) measurement: ms = a + depth * (b + c * top_k)
+    (each level runs the head on top_k rows and ranks top_k x vocab), fitted
+    jointly so a noisy point cannot reorder the top_k values. Returned in the
+    cost model's per-top_k form {top_k: (a, b + c * top_k)}."""
+    if len({d for _, d in raw}) < 2:
+        return {k: (ms, 0.0) for (k, _), ms in raw.items()}
+    keys = sorted(raw)
+    a, b, c = _nnls([[1.0, d, d * k] for k, d in keys], [raw[kd] for kd in keys])
+    return {k: (a, b + c * k) for k in sorted({k for k, _ in keys})}
 
 
 def _encode_chat(engine, text: str) -> list:
@@ -845,7 +863,7 @@ def measure_ranks(target, head, prompt_ids: list, continuation: list, *, levels:
     return out
 
 
-def measure_acceptance(engine, prompts: Sequence[str], *, max_tokens: int = 96,
+def measure_acceptance(engine, prompts: Sequence[str], *, max_tokens: int = 64,
                        levels: int = DEFAULT_LEVELS, max_rank: int = DEFAULT_MAX_RANK,
                        log: Optional[Callable] = None) -> Tuple[AcceptanceModel, List[float]]:
     conts, overhead = generate_continuations(engine, prompts, max_tokens, log)
@@ -879,7 +897,7 @@ def calibrate(engine, *, force: bool = False, quick: bool = False, directory: Op
     draft_depths = draft_depths or q.get("draft_depths", DEFAULT_DRAFT_DEPTHS)
     levels = levels or q.get("levels", DEFAULT_LEVELS)
     n_prompts = n_prompts or q.get("n_prompts", 4)
-    max_tokens = max_tokens or q.get("max_tokens", 96)
+    max_tokens = max_tokens or q.get("max_tokens", 64)
     reps = reps or q.get("reps", 3)
     context = context or q.get("context", 256)
 
@@ -1059,6 +1077,13 @@ class OnlineTuner:
         return None
 
 
+def make_tuner(engine, *, directory: Optional[Path] = None, **kw) -> Optional[OnlineTuner]:
+    """An :class:`OnlineTuner` for the engine's cached calibration (after
+    ``resolve_tree(engine, "auto")``), or None when none is cached. Never measures."""
+    cal = load_calibration(calibration_key(engine.model, engine.head), directory)
+    return None if cal is None else OnlineTuner(engine, cal, directory=directory, **kw)
+
+
 # ----------------------------------------------------------------------------------
 # report and CLI
 # ----------------------------------------------------------------------------------
@@ -1163,7 +1188,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="measure again even if cached")
     p.add_argument("--quick", action="store_true", help="fewer widths, prompts and repetitions")
     p.add_argument("--prompts", type=int, default=None, help="MT-bench prompts for acceptance (default 4)")
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens per acceptance prompt (default 96)")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per acceptance prompt (default 64)")
     p.add_argument("--json", default=None, help="also write the calibration record to this file")
     args = p.parse_args(argv)
 

@@ -158,3 +158,11 @@ def test_summary_math():
     assert bench.first_mismatch([1, 2, 3], [1, 2, 4]) == 2
     assert bench.first_mismatch([1, 2], [1, 2, 3]) == 2
     assert bench.first_mismatch([1, 2], [1, 2]) is None
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    cats = {"math": {"speedup": 1.5, "tau": 2.5}, "coding": {"speedup": 2.1, "tau": 3.2}}
+    out = tmp_path / "p.png"
+    bench.write_plot(out, cats, {"speedup": 1.8, "tau": 2.9}, "test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -295,3 +295,27 @@ def test_online_tuner_lowers_rho_and_shrinks_tree(tmp_path):
     assert new is not None and new.num_nodes < best.spec.num_nodes
     assert eng.spec.num_nodes == new.num_nodes
     assert list(tmp_path.glob("*.json"))     # rho persisted
+
+
+def test_draft_cost_fit_is_joint_and_non_negative():
+    # ms = 2 + d * (1 + 0.5 k), plus one noisy point
+    raw = {(k, d): 2 + d * (1 + 0.5 * k) for k in (1, 2, 4, 8) for d in (1, 3, 6)}
+    fit = C.fit_draft_costs(raw)
+    for k in (1, 2, 4, 8):
+        assert fit[k][0] == pytest.approx(2, abs=1e-6)
+        assert fit[k][1] == pytest.approx(1 + 0.5 * k, abs=1e-6)
+    raw[(4, 1)] = 0.1        # noise cannot reorder top_k: cost still grows with k
+    fit = C.fit_draft_costs(raw)
+    assert all(v[0] >= 0 and v[1] >= 0 for v in fit.values())
+    assert fit[1][1] <= fit[2][1] <= fit[4][1] <= fit[8][1]
+
+
+def test_make_tuner_uses_the_cache_only(tiny, tmp_path):
+    from eagle3_mlx.engine import Engine
+
+    model, tok, head = tiny
+    eng = Engine(model, tok, head)
+    assert C.make_tuner(eng, directory=tmp_path) is None
+    C.calibrate(eng, quick=True, directory=tmp_path)
+    t = C.make_tuner(eng, directory=tmp_path)
+    assert isinstance(t, C.OnlineTuner)
