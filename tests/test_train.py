@@ -247,6 +247,7 @@ def test_pipeline_smoke(tiny_dir, tmp_path):
     model, tok = load(str(tiny_dir(FAMILY)))
     head = load_head(tmp_path / "shipped")
     assert head.config.quantization["bits"] == 8
+    assert (tmp_path / "shipped" / "MODEL_CARD.md").exists()
     eng = Engine(model, tok, head)
     msgs = [{"role": "user", "content": "the lazy dog"}]
     spec = eng.generate(msgs, max_tokens=12)

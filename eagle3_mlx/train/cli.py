@@ -157,7 +157,7 @@ def stage_data(run: Run):
     budget = run.args.gen_time_budget * 60 if run.args.gen_time_budget else None
     st = generate_data(model, tok, data_dir, prompts, max_new_tokens=cfg["max_new_tokens"],
                        temp=cfg["temp"], batch_size=cfg["gen_batch"], seed=cfg["seed"],
-                       progress=run.progress, time_budget_s=budget)
+                       progress=run.progress, time_budget_s=budget, max_train=cfg["num_prompts"])
     prev = run.stats.get("data", {})
     if "elapsed_s" in st:
         st["elapsed_s_total"] = prev.get("elapsed_s_total", 0) + st["elapsed_s"]
@@ -177,8 +177,12 @@ def stage_vocab(run: Run):
     if path.exists():
         return DraftVocab.load(path)
     _, _, target = run.load()
+    from .data import selected_indices
+
     prompts = load_prompts(run.work / "data")
-    seqs = [s for s in load_all(run.work / "data") if prompts[s.prompt_idx]["split"] == "train"]
+    keep = set(selected_indices(prompts, run.cfg["num_prompts"]))
+    seqs = [s for s in load_all(run.work / "data")
+            if s.prompt_idx in keep and prompts[s.prompt_idx]["split"] == "train"]
     vocab, counts = vocab_from_sequences(seqs, target.vocab_size, run.cfg["draft_vocab_size"])
     vocab.save(path)
     info = dict(vocab.summary(), coverage_by_size=coverage_table(counts))
@@ -212,7 +216,7 @@ def make_trainer(run: Run):
     _, _, target = run.load()
     vocab = DraftVocab.load(run.work / "vocab.npz")
     store = FeatureStore(run.work / "data", run.work / "features")
-    train, held = store.split(load_prompts(run.work / "data"))
+    train, held = store.split(load_prompts(run.work / "data"), cfg["num_prompts"])
     hcfg = head_config_for(target, draft_vocab_size=vocab.size,
                            intermediate_size=cfg.get("intermediate_size"))
     head = init_head(hcfg, vocab.d2t, seed=cfg["seed"], target=target, used=vocab.used,
@@ -286,8 +290,28 @@ def stage_eval(run: Run):
     return res
 
 
+def _graceful_signals():
+    """SIGTERM/SIGINT raise KeyboardInterrupt so finished sequences are flushed
+    and training stops at a step boundary (background jobs ignore SIGINT)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, stop)
+        except (ValueError, OSError):
+            pass
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    _graceful_signals()
     work = Path(args.work_dir)
     cfg = _load_config(args, work)
     run = Run(args, cfg, work)
@@ -315,6 +339,8 @@ def main(argv=None):
             stage_eval(run)
         run.record("wall", **{st: round(run.stats.get("wall", {}).get(st, 0) + time.perf_counter() - ts, 1)})
     write_summary(run)
+    if args.out and (work / "head_ship" / "config.json").exists():
+        write_model_card(run, Path(args.out))
     print(f"train: done in {time.perf_counter() - t0:.0f} s; summary in {work / 'results.json'}")
     return 0
 
@@ -327,6 +353,55 @@ def write_summary(run: Run):
     s["hardware"] = dict(machine=platform.machine(), system=platform.system(),
                          processor=platform.processor(), cpus=__import__("os").cpu_count())
     (run.work / "results.json").write_text(json.dumps(s, indent=2))
+
+
+def write_model_card(run: Run, out: Path):
+    """MODEL_CARD.md + results.json next to the shipped head."""
+    import shutil
+
+    s = json.loads((run.work / "results.json").read_text())
+    cfg = s.get("config", {})
+    fit, data, vocab = s.get("fit", {}), s.get("data", {}), s.get("vocab", {})
+    feats, wall, ev = s.get("features", {}), s.get("wall", {}), s.get("eval", {})
+    last = fit.get("last") or {}
+    acc = last.get("heldout_acc")
+    hw = s.get("hardware", {})
+    lines = [
+        f"# EAGLE-3 head for {Path(str(cfg.get('model') or 'Qwen2.5-Coder-0.5B-Instruct')).name}",
+        "",
+        "Trained on this machine with `eagle3-mlx train` (MLX, CPU). Reproduce with "
+        "`scripts/train_default_head.sh` (resumable; see the README section *Training a head*).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| target | default model (Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M -> MLX float32) |",
+        f"| aux layers (HF hidden_states index) | see config.json `aux_layer_ids` |",
+        f"| data | {data.get('sequences')} ShareGPT first turns answered by the target "
+        f"(greedy, <= {cfg.get('max_new_tokens')} new tokens): {data.get('generated_tokens')} "
+        f"generated tokens; {cfg.get('heldout')} prompts held out |",
+        f"| train split used | {fit.get('train_sequences')} sequences, {fit.get('train_tokens')} tokens |",
+        f"| draft vocab | {vocab.get('draft_vocab_size')} tokens, coverage {vocab.get('coverage')} "
+        f"of assistant tokens |",
+        f"| head | hidden {896}, intermediate {cfg.get('intermediate_size')}, 1 layer, "
+        f"RoPE base 10000; shipped {('%d-bit' % cfg['export_bits']) if cfg.get('export_bits') else 'unquantized'} |",
+        f"| TTT | {cfg.get('ttt_steps')} steps, decay {cfg.get('decay')}, AdamW(0.9, 0.95), "
+        f"lr {cfg.get('lr')} warm-up {cfg.get('warmup')} + cosine, clip 0.5, fp32 |",
+        f"| steps | {fit.get('step')} / {fit.get('total_steps')} "
+        f"({cfg.get('epochs')} epochs of {cfg.get('batch_tokens')}-token batches) |",
+        f"| time | data {wall.get('data', data.get('elapsed_s_total'))} s, features "
+        f"{wall.get('features')} s, training {fit.get('train_time_s')} s (stage wall-clock as run; "
+        f"the machine was shared) |",
+        f"| hardware | {hw.get('cpus')} CPU cores, {hw.get('system')} {hw.get('machine')}, "
+        f"MLX CPU backend with OpenBLAS |",
+        f"| held-out top-1 agreement per TTT step | {acc} |",
+    ]
+    for name, r in ev.items():
+        lines.append(f"| tau ({name}, {r.get('prompts')} held-out ShareGPT prompts, greedy, "
+                     f"default tree) | {r.get('tau'):.3f} |")
+    lines += ["", "`results.json` holds every number above plus the per-stage statistics.", ""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "MODEL_CARD.md").write_text("\n".join(lines))
+    shutil.copy2(run.work / "results.json", out / "results.json")
 
 
 if __name__ == "__main__":

@@ -214,16 +214,26 @@ def load_prompts(data_dir: Path) -> List[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+def selected_indices(prompts: List[dict], max_train: Optional[int] = None) -> List[int]:
+    """Held-out prompt indices first, then the first ``max_train`` train ones."""
+    held = [i for i, p in enumerate(prompts) if p.get("split") == "heldout"]
+    train = [i for i, p in enumerate(prompts) if p.get("split", "train") == "train"]
+    return held + (train if max_train is None else train[:max_train])
+
+
 # ----------------------------------------------------------------------------
 # Generation
 
 
 def generate_data(model, tokenizer, data_dir: Path, prompts: Optional[List[dict]] = None, *,
                   max_new_tokens: int = 256, temp: float = 0.0, batch_size: int = 16,
-                  shard_size: int = 64, seed: int = 0, progress: bool = True,
-                  time_budget_s: Optional[float] = None, log=print) -> dict:
-    """Let the target answer every prompt (continuous batching), appending
-    finished sequences to shards. Resumes from the shards already on disk."""
+                  shard_size: int = 16, seed: int = 0, progress: bool = True,
+                  time_budget_s: Optional[float] = None, max_train: Optional[int] = None,
+                  log=print) -> dict:
+    """Let the target answer the prompts (continuous batching), appending
+    finished sequences to shards. Resumes from the shards already on disk.
+    Held-out prompts are answered first; ``max_train`` limits the training
+    prompts to the first ``max_train`` of the (seeded, fixed) list."""
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_sampler
@@ -242,9 +252,11 @@ def generate_data(model, tokenizer, data_dir: Path, prompts: Optional[List[dict]
         for s in read_shard(sp):
             done.add(s.prompt_idx)
             n_tokens_done += len(s.tokens) - s.n_prompt
-    todo = [i for i in range(len(prompts)) if i not in done]
+    wanted = selected_indices(prompts, max_train)
+    todo = [i for i in wanted if i not in done]
     next_shard = len(shard_paths(data_dir))
-    stats = dict(sequences=len(done), generated_tokens=n_tokens_done, total=len(prompts))
+    stats = dict(sequences=len(done & set(wanted)), generated_tokens=n_tokens_done,
+                 total=len(wanted))
     if not todo:
         return stats
 
@@ -258,7 +270,7 @@ def generate_data(model, tokenizer, data_dir: Path, prompts: Optional[List[dict]
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(prompts), initial=len(done), desc="generate", unit="seq",
+        bar = tqdm(total=stats["total"], initial=stats["sequences"], desc="generate", unit="seq",
                    dynamic_ncols=True)
     pending: dict = {}
     finished: List[Sequence] = []

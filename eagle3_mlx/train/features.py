@@ -131,9 +131,16 @@ class FeatureStore:
                 self.items.append(dict(seq=s, feat=F[off:off + n], hid=Hh[off:off + n]))
                 off += n
 
-    def split(self, prompts: Optional[List[dict]]):
+    def split(self, prompts: Optional[List[dict]], max_train: Optional[int] = None):
+        """(train, held-out) items; only the first ``max_train`` train prompts."""
+        from .data import selected_indices
+
+        keep = set(selected_indices(prompts, max_train)) if prompts else None
         train, held = [], []
         for it in self.items:
-            sp = prompts[it["seq"].prompt_idx].get("split", "train") if prompts else "train"
+            i = it["seq"].prompt_idx
+            if keep is not None and i not in keep:
+                continue
+            sp = prompts[i].get("split", "train") if prompts else "train"
             (held if sp == "heldout" else train).append(it)
         return train, held
