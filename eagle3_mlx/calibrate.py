@@ -915,7 +915,9 @@ def calibrate(engine, *, force: bool = False, quick: bool = False, directory: Op
         log("  " + "  ".join(f"k={k}:{a:.1f}+{b:.1f}/level" for k, (a, b) in sorted(draft_fit.items())) + " ms")
         prompts = calibration_prompts(n_prompts)
         log(f"measuring acceptance on {len(prompts)} MT-bench prompts x {max_tokens} tokens ...")
-        engine.set_tree(top_k=4, depth=min(5, levels - 1), total_tokens=min(24, max(widths)))
+        # A moderate tree: fast with a trained head, cheap with a useless one (the
+        # continuations are the same greedy tokens whatever the tree).
+        engine.set_tree(top_k=2, depth=min(3, levels - 1), total_tokens=min(8, max(widths)))
         acc, overhead = measure_acceptance(engine, prompts, max_tokens=max_tokens, levels=levels, log=log)
         over = _median(overhead) if overhead else 0.0
         costs = CostModel(monotone(verify_ms), draft_fit, overhead_ms=max(0.0, over),

@@ -319,3 +319,26 @@ def test_make_tuner_uses_the_cache_only(tiny, tmp_path):
     C.calibrate(eng, quick=True, directory=tmp_path)
     t = C.make_tuner(eng, directory=tmp_path)
     assert isinstance(t, C.OnlineTuner)
+
+
+def test_this_cpu_measured_costs_vs_a_gpu_like_machine():
+    """The cost curves measured on the 2-core Linux CPU (committed under
+    benchmarks/) against a simulated GPU where verifying 64 tokens costs about
+    as much as one and a draft level is cheap: with the same (good) head the
+    GPU gets a much bigger tree."""
+    from pathlib import Path
+
+    rec_path = Path(__file__).parent.parent / "benchmarks" / \
+        "calibration-linux-cpu-qwen2.5-coder-0.5b-random-head.json"
+    if not rec_path.exists():
+        pytest.skip("no committed CPU calibration")
+    cpu = C.CostModel.from_dict(json.loads(rec_path.read_text())["costs"])
+    t1 = cpu.verify(1)
+    gpu = C.CostModel({T: t1 * (1 + 0.002 * (T - 1)) for T in cpu.verify_ms},
+                      {k: (0.02 * t1, 0.01 * t1) for k in cpu.draft_ms}, decode_ms=t1)
+    acc = good_head_acceptance()
+    c, _ = C.optimise(cpu, acc)
+    g, _ = C.optimise(gpu, acc)
+    assert (g.spec.top_k, g.spec.depth, g.spec.num_nodes) != (c.spec.top_k, c.spec.depth, c.spec.num_nodes)
+    assert g.spec.num_nodes >= 2 * c.spec.num_nodes
+    assert g.spec.depth > c.spec.depth
