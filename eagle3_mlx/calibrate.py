@@ -167,16 +167,28 @@ class AcceptanceModel:
     samples : measured rank sequences (1-based ranks, cut at the first level
               where the target's token is not among the top ``max_rank``);
               when there are enough, expected tau is their empirical mean.
+    runs    : the same sequences kept per prompt, one per consecutive root
+              position. With them expected tau is computed the way the engine
+              advances: from root n it accepts a(n) tokens and the next root
+              is n + a(n) + 1, so long accepted runs are counted once, not at
+              every position inside them (the per-position mean overestimates
+              tau when acceptance comes in streaks).
     rho     : online correction: tau' = 1 + rho * (tau - 1).
     """
 
     q: List[List[float]]
     samples: List[List[int]] = field(default_factory=list)
+    runs: List[List[List[int]]] = field(default_factory=list)
     rho: float = 1.0
     source: str = "measured"
     min_samples: int = 50
+    walk_offsets: int = 4
 
     def __post_init__(self):
+        if self.runs and not self.samples:
+            self.samples = [list(x) for run in self.runs for x in run]
+        self._orders: dict = {}
+        self._prefix: dict = {}
         self.q = [[min(1.0, max(0.0, float(p))) for p in row] for row in self.q]
         for j, row in enumerate(self.q):
             s = sum(row)
@@ -218,6 +230,15 @@ class AcceptanceModel:
             q.append([(c + eps) / (n + prior) for c in counts])
         return cls(q=q, samples=[list(s) for s in seqs], **kw)
 
+    @classmethod
+    def from_runs(cls, runs: Sequence[Sequence[Sequence[int]]], levels: int, max_rank: int,
+                  **kw) -> "AcceptanceModel":
+        """Like :meth:`from_rank_sequences`, keeping the per-prompt order."""
+        runs = [[list(x)[:levels] for x in run] for run in runs]
+        m = cls.from_rank_sequences([x for run in runs for x in run], levels, max_rank, **kw)
+        m.runs = runs
+        return m
+
     @property
     def per_level_rates(self) -> List[float]:
         """P(some top-max_rank candidate accepted at level j | levels < j accepted)."""
@@ -247,11 +268,20 @@ class AcceptanceModel:
             front = [children[c] for c in order[:top_k]]
         return pool
 
+    def _order(self, top_k: int, depth: int):
+        """The (top_k, depth) pool and its nodes' keep order (best first)."""
+        key = (top_k, depth)
+        if key not in self._orders:
+            pool = self.pool(top_k, depth)
+            order = sorted(range(len(pool)), key=lambda i: (-pool[i][0], pool[i][1], i))
+            self._orders[key] = (pool, order)
+        return self._orders[key]
+
     def tau_curve(self, top_k: int, depth: int) -> List[float]:
-        """Expected tau (bonus included, before ``rho``) for every tree size:
-        element ``n`` is the tree with n + 1 nodes kept (n = 0: root only)."""
-        pool = self.pool(top_k, depth)
-        order = sorted(range(len(pool)), key=lambda i: (-pool[i][0], pool[i][1], i))
+        """Expected tau (bonus included, before ``rho``), per-position estimate,
+        for every tree size: element ``n`` is the tree with n + 1 nodes kept
+        (n = 0: root only)."""
+        pool, order = self._order(top_k, depth)
         if len(self.samples) >= self.min_samples:
             index = {pool[i][2]: rank for rank, i in enumerate(order)}
             hist = [0] * len(pool)
@@ -270,23 +300,64 @@ class AcceptanceModel:
             curve.append(acc)
         return curve
 
+    @property
+    def has_runs(self) -> bool:
+        return sum(len(r) for r in self.runs) >= self.min_samples
+
+    def walk_tau(self, spec: TreeSpec) -> float:
+        """Expected tau (before ``rho``) stepping through the measured runs as
+        the engine does, averaged over a few starting offsets."""
+        import bisect
+
+        k, d = spec.top_k, spec.depth
+        if (k, d) not in self._prefix:
+            pool, order = self._order(k, d)
+            index = {pool[i][2]: r for r, i in enumerate(order)}
+            pref = []
+            for run in self.runs:
+                rows = []
+                for s in run:
+                    idx = []
+                    for j in range(1, len(s) + 1):
+                        r = index.get(tuple(s[:j]))
+                        if r is None:
+                            break
+                        idx.append(r)
+                    rows.append(idx)
+                pref.append(rows)
+            self._prefix[(k, d)] = pref
+        limit = spec.num_nodes - 1          # kept nodes have order index < limit
+        toks = steps = 0
+        for rows in self._prefix[(k, d)]:
+            acc = [bisect.bisect_left(idx, limit) for idx in rows]
+            for off in range(min(self.walk_offsets, len(acc))):
+                i = off
+                while i < len(acc):
+                    toks += acc[i] + 1
+                    steps += 1
+                    i += acc[i] + 1
+        return toks / steps if steps else 1.0
+
     def expected_tau(self, spec: TreeSpec, raw: bool = False) -> float:
-        curve = self.tau_curve(spec.top_k, spec.depth)
-        tau = curve[min(spec.num_nodes - 1, len(curve) - 1)]
+        if self.has_runs:
+            tau = self.walk_tau(spec)
+        else:
+            curve = self.tau_curve(spec.top_k, spec.depth)
+            tau = curve[min(spec.num_nodes - 1, len(curve) - 1)]
         return tau if raw else 1.0 + self.rho * (tau - 1.0)
 
     def to_dict(self) -> dict:
         return {
             "q": [[round(p, 5) for p in row] for row in self.q],
-            "samples": self.samples,
+            **({"runs": self.runs} if self.runs else {"samples": self.samples}),
             "rho": self.rho,
             "source": self.source,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "AcceptanceModel":
-        return cls(q=d["q"], samples=d.get("samples", []), rho=d.get("rho", 1.0),
-                   source=d.get("source", "measured"))
+        return cls(q=d["q"], samples=d.get("samples", []), runs=d.get("runs", []),
+                   rho=d.get("rho", 1.0), source=d.get("source", "measured"))
 
     @classmethod
     def prior(cls, levels: int = DEFAULT_LEVELS, max_rank: int = DEFAULT_MAX_RANK) -> "AcceptanceModel":
@@ -328,9 +399,10 @@ def evaluate(spec: TreeSpec, costs: CostModel, acc: AcceptanceModel) -> Candidat
 
 def optimise(costs: CostModel, acc: AcceptanceModel, *, top_ks: Optional[Iterable[int]] = None,
              depths: Optional[Iterable[int]] = None, max_nodes: Optional[int] = None,
-             tolerance: float = 0.005) -> Tuple[Candidate, List[Candidate]]:
+             tolerance: float = 0.005, rescore: int = 64) -> Tuple[Candidate, List[Candidate]]:
     """Best tree for the cost curves and acceptance model, plus every candidate
-    evaluated (best first). Only tree sizes inside the measured verify widths
+    evaluated (best first; with per-prompt runs, the ``rescore`` best by the
+    per-position estimate, re-scored). Only tree sizes inside the measured verify widths
     are considered. Among trees within ``tolerance`` of the best, the smallest
     (fewest nodes, then shallowest, then narrowest) wins."""
     max_nodes = min(max_nodes or costs.max_width, costs.max_width)
@@ -352,6 +424,19 @@ def optimise(costs: CostModel, acc: AcceptanceModel, *, top_ks: Optional[Iterabl
                 cands.append(Candidate(TreeSpec(k, d, T), tau, ms, tps, tps * base / 1000.0))
     if not cands:
         raise ValueError("no candidate trees")
+    if acc.has_runs:
+        # The per-position curve ranks every shape quickly; the best ones are
+        # re-scored by stepping through the measured runs like the engine.
+        cands.sort(key=lambda c: -c.tps)
+        seen, top = set(), []
+        for c in cands:
+            key = (c.spec.top_k, c.spec.depth, c.spec.num_nodes)
+            if key not in seen:
+                seen.add(key)
+                top.append(c)
+            if len(top) >= rescore:
+                break
+        cands = [evaluate(c.spec, costs, acc) for c in top]
     best_tps = max(c.tps for c in cands)
     near = [c for c in cands if c.tps >= best_tps * (1 - tolerance)]
     best = min(near, key=lambda c: (c.spec.num_nodes, c.spec.depth, c.spec.top_k))
@@ -867,10 +952,9 @@ def measure_acceptance(engine, prompts: Sequence[str], *, max_tokens: int = 64,
                        levels: int = DEFAULT_LEVELS, max_rank: int = DEFAULT_MAX_RANK,
                        log: Optional[Callable] = None) -> Tuple[AcceptanceModel, List[float]]:
     conts, overhead = generate_continuations(engine, prompts, max_tokens, log)
-    seqs = []
-    for ids, toks in conts:
-        seqs += measure_ranks(engine.target, engine.head, ids, toks, levels=levels, max_rank=max_rank)
-    return AcceptanceModel.from_rank_sequences(seqs, levels, max_rank), overhead
+    runs = [measure_ranks(engine.target, engine.head, ids, toks, levels=levels, max_rank=max_rank)
+            for ids, toks in conts]
+    return AcceptanceModel.from_runs([r for r in runs if r], levels, max_rank), overhead
 
 
 def calibrate(engine, *, force: bool = False, quick: bool = False, directory: Optional[Path] = None,

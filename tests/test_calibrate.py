@@ -127,7 +127,7 @@ def test_parse_tree():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_pair(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     testing.make_tiny_target(d, "qwen2", tokenizer_kind="word", vocab_size=48)
     model, tok = testing.load_tiny_target(d)
@@ -136,10 +136,10 @@ def tiny(tmp_path_factory):
     return model, tok, head
 
 
-def test_teacher_forced_ranks_match_sequential_drafting(tiny):
+def test_teacher_forced_ranks_match_sequential_drafting(tiny_pair):
     """The batched rank measurement equals drafting one root at a time the way
     tree.py does (stable cache up to the root, chain rows, RoPE positions)."""
-    model, tok, head = tiny
+    model, tok, head = tiny_pair
     from eagle3_mlx.target import TargetModel
 
     t = TargetModel(model, head.config.aux_layer_ids)
@@ -181,10 +181,10 @@ def test_teacher_forced_ranks_match_sequential_drafting(tiny):
     assert len(got) == len(cont) - levels
 
 
-def test_calibrate_end_to_end_and_cache(tiny, tmp_path):
+def test_calibrate_end_to_end_and_cache(tiny_pair, tmp_path):
     from eagle3_mlx.engine import Engine
 
-    model, tok, head = tiny
+    model, tok, head = tiny_pair
     eng = Engine(model, tok, head, top_k=2, depth=2, total_tokens=6)
     cal = C.calibrate(eng, quick=True, directory=tmp_path)
     assert (eng.spec.top_k, eng.spec.depth, eng.spec.total_tokens) == (2, 2, 6)   # restored
@@ -207,12 +207,12 @@ def test_calibrate_end_to_end_and_cache(tiny, tmp_path):
     assert "chosen tree" in C.format_report(cal)
 
 
-def test_cache_invalidated_when_model_quantization_device_or_mlx_change(tiny, tmp_path):
+def test_cache_invalidated_when_model_quantization_device_or_mlx_change(tiny_pair, tmp_path):
     import mlx.nn as nn
 
     from eagle3_mlx.api import cast_floating
 
-    model, tok, head = tiny
+    model, tok, head = tiny_pair
     dev = {"backend": "cpu", "device_name": "test", "cpu": "x", "cpu_count": 2, "blas": "openblas"}
     key = C.calibration_key(model, head, device=dev, mlx_version="0.32.4")
     costs = C.CostModel({1: 1.0, 2: 1.2, 4: 1.5}, {1: (0.1, 0.1)})
@@ -310,10 +310,10 @@ def test_draft_cost_fit_is_joint_and_non_negative():
     assert fit[1][1] <= fit[2][1] <= fit[4][1] <= fit[8][1]
 
 
-def test_make_tuner_uses_the_cache_only(tiny, tmp_path):
+def test_make_tuner_uses_the_cache_only(tiny_pair, tmp_path):
     from eagle3_mlx.engine import Engine
 
-    model, tok, head = tiny
+    model, tok, head = tiny_pair
     eng = Engine(model, tok, head)
     assert C.make_tuner(eng, directory=tmp_path) is None
     C.calibrate(eng, quick=True, directory=tmp_path)
@@ -342,3 +342,28 @@ def test_this_cpu_measured_costs_vs_a_gpu_like_machine():
     assert (g.spec.top_k, g.spec.depth, g.spec.num_nodes) != (c.spec.top_k, c.spec.depth, c.spec.num_nodes)
     assert g.spec.num_nodes >= 2 * c.spec.num_nodes
     assert g.spec.depth > c.spec.depth
+
+
+def test_expected_tau_matches_the_engine(tiny, oracle_head):
+    """Acceptance measured teacher-forced predicts the tau the engine really
+    gets, for chains and trees (oracle head: long, streaky acceptances)."""
+    from eagle3_mlx.engine import Engine
+    from eagle3_mlx.prompts import calibration_prompts
+
+    model, tok = tiny("llama")
+    eng = Engine(model, tok, oracle_head("llama"))
+    prompts = calibration_prompts(2)
+    acc, _ = C.measure_acceptance(eng, prompts, max_tokens=48, levels=9)
+    assert acc.has_runs and acc.top1_rates()[0] > 0.5
+    for shape in [(1, 1, 3), (1, 6, 8), (2, 2, 6), (4, 4, 16), (8, 6, 48)]:
+        spec = TreeSpec(*shape)
+        eng.set_tree(*shape)
+        toks = steps = 0
+        for p in prompts:
+            eng.reset()
+            for r in eng.stream_generate([{"role": "user", "content": p}], max_tokens=48):
+                if r.new_step and r.step_index >= 1:
+                    steps += 1
+                    toks += r.step_tokens
+        measured = toks / steps
+        assert acc.expected_tau(spec) == pytest.approx(measured, rel=0.12), shape
