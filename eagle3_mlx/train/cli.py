@@ -188,10 +188,16 @@ def stage_vocab(run: Run):
     vocab, counts = vocab_from_sequences(seqs, target.vocab_size, run.cfg["draft_vocab_size"])
     vocab.save(path)
     info = dict(vocab.summary(), coverage_by_size=coverage_table(counts))
+    held = [s.tokens[s.n_prompt:] for s in load_all(run.work / "data")
+            if prompts[s.prompt_idx]["split"] == "heldout"]
+    if held:
+        h = np.concatenate(held)
+        info["heldout_coverage"] = round(float(vocab.t2d[h].mean()), 5)
     (run.work / "vocab.json").write_text(json.dumps(info, indent=2))
     run.record("vocab", **info)
     print(f"vocab: {vocab.size} draft tokens cover {vocab.coverage:.2%} of "
-          f"{vocab.counted} assistant tokens ({vocab.distinct} distinct); by size {info['coverage_by_size']}")
+          f"{vocab.counted} assistant tokens ({vocab.distinct} distinct); by size {info['coverage_by_size']}"
+          + (f"; held-out coverage {info['heldout_coverage']:.2%}" if "heldout_coverage" in info else ""))
     return vocab
 
 
@@ -382,8 +388,9 @@ def write_model_card(run: Run, out: Path):
         f"(greedy, <= {cfg.get('max_new_tokens')} new tokens): {data.get('generated_tokens')} "
         f"generated tokens; {cfg.get('heldout')} prompts held out |",
         f"| train split used | {fit.get('train_sequences')} sequences, {fit.get('train_tokens')} tokens |",
-        f"| draft vocab | {vocab.get('draft_vocab_size')} tokens, coverage {vocab.get('coverage')} "
-        f"of assistant tokens |",
+        f"| draft vocab | {vocab.get('draft_vocab_size')} tokens ({vocab.get('distinct_tokens')} distinct "
+        f"tokens seen); coverage {vocab.get('coverage')} of the training assistant tokens, "
+        f"{vocab.get('heldout_coverage')} of the held-out ones |",
         f"| head | hidden {896}, intermediate {cfg.get('intermediate_size')}, 1 layer, "
         f"RoPE base 10000; shipped {('%d-bit' % cfg['export_bits']) if cfg.get('export_bits') else 'unquantized'} |",
         f"| TTT | {cfg.get('ttt_steps')} steps, decay {cfg.get('decay')}, AdamW(0.9, 0.95), "
