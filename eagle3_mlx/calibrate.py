@@ -792,6 +792,8 @@ def measure_draft_costs(head, target, feats, *, top_ks: Sequence[int] = DEFAULT_
     ext_ids = ids[:, context - ext_len :]
     ext_f = feats[:, context - ext_len :]
     root = ids[0, -1:]
+    # A node cannot have more children than the draft vocabulary has tokens.
+    top_ks = [k for k in top_ks if k <= head.config.draft_vocab_size] or [1]
     shapes = [(k, d) for k in sorted(set(top_ks)) for d in sorted(set(depths))]
     times = {kd: [] for kd in shapes}
     for r in range(reps + 1):

@@ -55,21 +55,16 @@ def main(argv=None):
 
 
 def add_tree_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("draft tree")
-    g.add_argument("--tree-top-k", type=int, default=None, help="children per node (1 = chain)")
-    g.add_argument("--tree-depth", type=int, default=None, help="draft levels after the first")
-    g.add_argument("--tree-total-tokens", type=int, default=None, help="tree size incl. the root")
+    p.add_argument("--tree", default="auto",
+                   help="draft tree: 'auto' (calibrated for this machine, cached) or "
+                        "TOP_K,DEPTH,TOTAL_TOKENS, e.g. 4,4,16; TOP_K 1 is a chain")
 
 
-def tree_kwargs(args) -> dict:
-    kw = {}
-    if args.tree_top_k is not None:
-        kw["top_k"] = args.tree_top_k
-    if args.tree_depth is not None:
-        kw["depth"] = args.tree_depth
-    if args.tree_total_tokens is not None:
-        kw["total_tokens"] = args.tree_total_tokens
-    return kw
+def apply_tree_arg(engine, tree_arg: str, log=None):
+    """Set the engine's tree from a --tree value (calibrating on first use)."""
+    from .calibrate import apply_tree
+
+    return apply_tree(engine, tree_arg, log=log)
 
 
 def generate_main(argv):
@@ -95,8 +90,10 @@ def generate_main(argv):
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
-        engine = api.load(args.model, args.draft, model_dtype=args.dtype, kv_bits=args.kv_bits,
-                          **tree_kwargs(args))
+        engine = api.load(args.model, args.draft, model_dtype=args.dtype, kv_bits=args.kv_bits)
+        if not args.no_spec:
+            spec = apply_tree_arg(engine, args.tree, log=lambda m: print(m, file=sys.stderr))
+            print(f"draft tree: {spec}", file=sys.stderr)
         if not args.ignore_chat_template and engine.tokenizer.chat_template is not None:
             msgs = ([{"role": "system", "content": args.system}] if args.system else [])
             prompt = msgs + [{"role": "user", "content": prompt}]

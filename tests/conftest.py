@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import mlx.core as mx
 import pytest
@@ -8,6 +9,8 @@ from eagle3_mlx.target import TargetModel
 from eagle3_mlx.testing import make_random_head, make_tiny_target
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Calibration results and the default-model cache go to a throw-away home.
+os.environ.setdefault("EAGLE3_MLX_HOME", tempfile.mkdtemp(prefix="eagle3-mlx-home-"))
 
 # Embedding/lm_head strong, decoder layers weak: the next token then depends
 # mostly on the current one, which the oracle head below can predict.

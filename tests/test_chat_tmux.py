@@ -69,11 +69,13 @@ def test_chat_in_tmux(tiny_pair, tmp_path):
         "TERM": "xterm-256color",
         "COLORTERM": "truecolor",
         "PYTHONUNBUFFERED": "1",
+        "EAGLE3_MLX_HOME": str(tmp_path / "home"),
     }
     openblas = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
     if os.path.exists(openblas):
         env["LD_PRELOAD"] = openblas
-    cmd = _script() + ["--model", str(model), "--draft", str(head), "--max-tokens", "40"]
+    cmd = _script() + ["--model", str(model), "--draft", str(head), "--max-tokens", "40",
+                       "--tree", "4,4,16"]
     # COLUMNS/LINES (set by pytest and some shells) would override the pane size
     shell = ("env -u COLUMNS -u LINES " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " "
              + " ".join(shlex.quote(c) for c in cmd)

@@ -74,7 +74,7 @@ def recording_loader(model, draft, holder: dict, **engine_kw):
             m, tok = mlx_load(str(model))
             engine = Engine(m, tok, load_head(draft), **engine_kw)
         else:
-            engine = make_loader(str(model), str(draft))(progress)
+            engine = make_loader(str(model), str(draft), tree_arg="4,4,16")(progress)
         holder["rec"] = Recorder(engine)
         return holder["rec"]
 

@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy; default 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")
     p.add_argument("--max-tokens", type=int, default=512, help="maximum tokens per answer (default 512)")
-    tree = p.add_argument_group("draft tree (default: the engine's)")
+    tree = p.add_argument_group("draft tree (default: calibrated for this machine)")
+    tree.add_argument("--tree", default="auto",
+                      help="'auto' (calibrated for this machine, cached) or TOP_K,DEPTH,TOTAL_TOKENS; "
+                           "the three options below override parts of it")
     tree.add_argument("--top-k-tree", type=int, help="children expanded per draft node (1 = chain)")
     tree.add_argument("--depth", type=int, help="draft levels after the first")
     tree.add_argument("--total-tokens", type=int,
@@ -110,8 +113,11 @@ def resolve_paths(model: str | None, draft: str | None, progress: Callable[..., 
     return str(model_path), str(head)
 
 
-def make_loader(model: str | None, draft: str | None, tree: dict | None = None):
-    """A loader for EngineThread: runs on the engine thread, returns the engine."""
+def make_loader(model: str | None, draft: str | None, tree: dict | None = None,
+                tree_arg: str = "auto"):
+    """A loader for EngineThread: runs on the engine thread, returns the engine.
+    Explicit tree options win; otherwise ``tree_arg`` ('auto' calibrates once per
+    machine and model, then reads the cache)."""
     tree = dict(tree or {})
 
     def loader(progress: Callable[..., None]):
@@ -119,7 +125,13 @@ def make_loader(model: str | None, draft: str | None, tree: dict | None = None):
         progress(f"Loading {_name(m)} with draft head {_name(d)}…")
         from eagle3_mlx.api import load
 
-        return load(m, d, **tree)
+        engine = load(m, d, **tree)
+        if not tree:
+            from eagle3_mlx.cli import apply_tree_arg
+
+            progress("Choosing the draft tree for this machine…")
+            apply_tree_arg(engine, tree_arg, log=progress)
+        return engine
 
     return loader
 
@@ -168,7 +180,7 @@ def smoke(args) -> int:
         print(text, file=sys.stderr, flush=True)
 
     try:
-        engine = make_loader(args.model, args.draft, tree_kwargs(args))(progress)
+        engine = make_loader(args.model, args.draft, tree_kwargs(args), args.tree)(progress)
     except ChatSetupError as exc:
         print(f"eagle3-mlx chat: {exc}", file=sys.stderr)
         return 2
@@ -204,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import ChatApp
 
-    app = ChatApp(make_loader(args.model, args.draft, tree_kwargs(args)),
+    app = ChatApp(make_loader(args.model, args.draft, tree_kwargs(args), args.tree),
                   settings=settings_from_args(args), model_label=model_label(args.model, args.draft))
     app.plain = args.plain
     app.run()
