@@ -102,12 +102,16 @@ class CostModel:
     draft_ms  : {top_k: (a, b)}: drafting a tree costs a + b * depth.
     overhead_ms: per-step bookkeeping outside draft and verify.
     decode_ms : one plain decoding step (the baseline); defaults to verify_ms[1].
+    ext_ms    : extra draft cost per committed token beyond the first: each
+                step first extends the head's cache with the tau tokens the
+                last step committed (draft_ms is measured with one).
     """
 
     verify_ms: Dict[int, float]
     draft_ms: Dict[int, Tuple[float, float]]
     overhead_ms: float = 0.0
     decode_ms: Optional[float] = None
+    ext_ms: float = 0.0
 
     def __post_init__(self):
         self.verify_ms = {int(k): float(v) for k, v in self.verify_ms.items()}
@@ -133,8 +137,9 @@ class CostModel:
         b = _interp(ks, [self.draft_ms[k][1] for k in ks], top_k)
         return max(0.0, a + b * depth)
 
-    def step(self, top_k: int, depth: int, T: int) -> float:
-        return self.draft(top_k, depth) + self.verify(T) + self.overhead_ms
+    def step(self, top_k: int, depth: int, T: int, tau: float = 1.0) -> float:
+        return (self.draft(top_k, depth) + self.ext_ms * max(0.0, tau - 1.0) + self.verify(T)
+                + self.overhead_ms)
 
     @property
     def baseline_ms(self) -> float:
@@ -146,11 +151,13 @@ class CostModel:
             "draft_ms": {str(k): [round(a, 4), round(b, 4)] for k, (a, b) in sorted(self.draft_ms.items())},
             "overhead_ms": round(self.overhead_ms, 4),
             "decode_ms": None if self.decode_ms is None else round(self.decode_ms, 4),
+            "ext_ms": round(self.ext_ms, 4),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostModel":
-        return cls(d["verify_ms"], d["draft_ms"], d.get("overhead_ms", 0.0), d.get("decode_ms"))
+        return cls(d["verify_ms"], d["draft_ms"], d.get("overhead_ms", 0.0), d.get("decode_ms"),
+                   d.get("ext_ms", 0.0))
 
 
 # ----------------------------------------------------------------------------------
@@ -392,7 +399,7 @@ class Candidate:
 
 def evaluate(spec: TreeSpec, costs: CostModel, acc: AcceptanceModel) -> Candidate:
     tau = acc.expected_tau(spec)
-    ms = costs.step(spec.top_k, spec.depth, spec.num_nodes)
+    ms = costs.step(spec.top_k, spec.depth, spec.num_nodes, tau)
     tps = 1000.0 * tau / ms if ms > 0 else float("inf")
     return Candidate(spec, tau, ms, tps, tps * costs.baseline_ms / 1000.0)
 
@@ -419,7 +426,7 @@ def optimise(costs: CostModel, acc: AcceptanceModel, *, top_ks: Optional[Iterabl
             pool_nodes = len(curve)              # pool size + root
             for T in range(2, min(max_nodes, pool_nodes) + 1):
                 tau = 1.0 + acc.rho * (curve[T - 1] - 1.0)
-                ms = draft + costs.verify(T) + costs.overhead_ms
+                ms = draft + costs.ext_ms * (tau - 1.0) + costs.verify(T) + costs.overhead_ms
                 tps = 1000.0 * tau / ms
                 cands.append(Candidate(TreeSpec(k, d, T), tau, ms, tps, tps * base / 1000.0))
     if not cands:
@@ -771,10 +778,13 @@ def measure_verify_costs(target, widths: Sequence[int] = DEFAULT_WIDTHS, *, cont
 
 def measure_draft_costs(head, target, feats, *, top_ks: Sequence[int] = DEFAULT_TOP_KS,
                         depths: Sequence[int] = DEFAULT_DRAFT_DEPTHS, reps: int = 3,
-                        ext_len: int = 3, seed: int = 0) -> Tuple[Dict[int, Tuple[float, float]], dict]:
+                        ext_len: int = 1, long_ext: int = 8,
+                        seed: int = 0) -> Tuple[Dict[int, Tuple[float, float]], dict]:
     """Median ms of ``draft_tree`` per (top_k, depth) on a head cache filled
-    with ``feats`` (target features [1, context, 3H]); each top_k's costs are
-    fitted as a + b * depth. Returns ({top_k: (a, b)}, {(k, d): ms})."""
+    with ``feats`` (target features [1, context, 3H]), extending the cache by
+    ``ext_len`` tokens first; fitted with :func:`fit_draft_costs`. The raw
+    dict also holds ("ext", long_ext): the smallest shape with a ``long_ext``
+    token extension, for :func:`ext_cost`. Returns (fit, raw)."""
     import mlx.core as mx
 
     from .tree import draft_tree
@@ -785,20 +795,23 @@ def measure_draft_costs(head, target, feats, *, top_ks: Sequence[int] = DEFAULT_
     embed = lambda ids: head.embed(ids, target.embed_tokens)  # noqa: E731
     dcache = head.make_cache()
     ids = mx.random.randint(0, V, (1, context)).astype(mx.int32)
-    head(embed(ids[:, : context - ext_len]), feats[:, : context - ext_len], cache=dcache, mask="causal",
-         from_target=True)
+    n0 = context - max(ext_len, long_ext)
+    head(embed(ids[:, :n0]), feats[:, :n0], cache=dcache, mask="causal", from_target=True)
     mx.eval([c.state for c in dcache])
     stable = dcache[0].offset
-    ext_ids = ids[:, context - ext_len :]
-    ext_f = feats[:, context - ext_len :]
+    exts = {ext_len: (ids[:, n0 : n0 + ext_len], feats[:, n0 : n0 + ext_len]),
+            long_ext: (ids[:, n0 : n0 + long_ext], feats[:, n0 : n0 + long_ext])}
     root = ids[0, -1:]
     # A node cannot have more children than the draft vocabulary has tokens.
     top_ks = [k for k in top_ks if k <= head.config.draft_vocab_size] or [1]
-    shapes = [(k, d) for k in sorted(set(top_ks)) for d in sorted(set(depths))]
-    times = {kd: [] for kd in shapes}
+    shapes = [(k, d, ext_len) for k in sorted(set(top_ks)) for d in sorted(set(depths))]
+    probe = (min(top_ks), min(depths), long_ext)
+    shapes.append(probe)
+    times = {s: [] for s in shapes}
     for r in range(reps + 1):
-        for k, d in shapes:
+        for k, d, e in shapes:
             spec = TreeSpec(k, d, min(64, k + d * k * k + 1))
+            ext_ids, ext_f = exts[e]
             t0 = time.perf_counter()
             tree = draft_tree(head, embed, dcache, ext_ids, ext_f, root, spec)
             mx.eval(tree.tokens, tree.ancestors)
@@ -806,9 +819,20 @@ def measure_draft_costs(head, target, feats, *, top_ks: Sequence[int] = DEFAULT_
             for c in dcache:
                 c.trim(c.offset - stable)
             if r:
-                times[(k, d)].append(dt)
-    raw = {kd: _median(ts) for kd, ts in times.items()}
+                times[(k, d, e)].append(dt)
+    raw = {(k, d): _median(times[(k, d, e)]) for k, d, e in shapes if (k, d, e) != probe}
+    raw[("ext", long_ext)] = _median(times[probe])
+    raw[("ext", ext_len)] = raw[probe[:2]]
     return fit_draft_costs(raw), raw
+
+
+def ext_cost(raw: dict) -> float:
+    """ms per extra extension token, from the ("ext", n) entries of the raw draft timings."""
+    pts = sorted((n, ms) for key, ms in raw.items() if isinstance(key, tuple) and key[0] == "ext"
+                 for n in [key[1]])
+    if len(pts) < 2 or pts[-1][0] == pts[0][0]:
+        return 0.0
+    return max(0.0, (pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0]))
 
 
 def _nnls(rows: List[List[float]], ys: List[float]) -> List[float]:
@@ -834,6 +858,7 @@ def fit_draft_costs(raw: Dict[Tuple[int, int], float]) -> Dict[int, Tuple[float,
     (each level runs the head on top_k rows and ranks top_k x vocab), fitted
     jointly so a noisy point cannot reorder the top_k values. Returned in the
     cost model's per-top_k form {top_k: (a, b + c * top_k)}."""
+    raw = {kd: ms for kd, ms in raw.items() if isinstance(kd[0], int)}
     if len({d for _, d in raw}) < 2:
         return {k: (ms, 0.0) for (k, _), ms in raw.items()}
     keys = sorted(raw)
@@ -998,7 +1023,9 @@ def calibrate(engine, *, force: bool = False, quick: bool = False, directory: Op
         log(f"measuring draft cost for top_k {list(top_ks)} x depth {list(draft_depths)} ...")
         draft_fit, draft_raw = measure_draft_costs(engine.head, engine.target, feats, top_ks=top_ks,
                                                    depths=draft_depths, reps=reps)
-        log("  " + "  ".join(f"k={k}:{a:.1f}+{b:.1f}/level" for k, (a, b) in sorted(draft_fit.items())) + " ms")
+        ext_ms = ext_cost(draft_raw)
+        log("  " + "  ".join(f"k={k}:{a:.1f}+{b:.1f}/level" for k, (a, b) in sorted(draft_fit.items()))
+            + f" ms; +{ext_ms:.2f} ms per extra committed token")
         prompts = calibration_prompts(n_prompts)
         log(f"measuring acceptance on {len(prompts)} MT-bench prompts x {max_tokens} tokens ...")
         # A moderate tree: fast with a trained head, cheap with a useless one (the
@@ -1007,7 +1034,7 @@ def calibrate(engine, *, force: bool = False, quick: bool = False, directory: Op
         acc, overhead = measure_acceptance(engine, prompts, max_tokens=max_tokens, levels=levels, log=log)
         over = _median(overhead) if overhead else 0.0
         costs = CostModel(monotone(verify_ms), draft_fit, overhead_ms=max(0.0, over),
-                          decode_ms=verify_ms.get(1))
+                          decode_ms=verify_ms.get(1), ext_ms=ext_ms)
         cal = Calibration(key=key, costs=costs, acceptance=acc,
                           info={"widths": list(widths), "top_ks": list(top_ks),
                                 "draft_depths": list(draft_depths), "levels": levels,
@@ -1091,11 +1118,11 @@ def _resolve_without_tokenizer(model, head, *, force, quick, directory, log) -> 
     target = TargetModel(model, head.config.aux_layer_ids)
     verify_ms, feats = measure_verify_costs(target, q.get("widths", DEFAULT_WIDTHS),
                                             context=q.get("context", 256), reps=q.get("reps", 3))
-    fit, _ = measure_draft_costs(head, target, feats, top_ks=q.get("top_ks", DEFAULT_TOP_KS),
+    fit, raw = measure_draft_costs(head, target, feats, top_ks=q.get("top_ks", DEFAULT_TOP_KS),
                                  depths=q.get("draft_depths", DEFAULT_DRAFT_DEPTHS), reps=q.get("reps", 3))
     if log:
         log("no tokenizer: acceptance not measured, using a generic prior (not cached)")
-    best, _ = optimise(CostModel(monotone(verify_ms), fit, decode_ms=verify_ms.get(1)),
+    best, _ = optimise(CostModel(monotone(verify_ms), fit, decode_ms=verify_ms.get(1), ext_ms=ext_cost(raw)),
                        AcceptanceModel.prior())
     return best.spec
 
@@ -1196,7 +1223,9 @@ def format_report(cal: Calibration, *, top: int = 8) -> str:
         "  x1  " + " ".join(f"{c.verify_ms[t] / c.verify(1):7.2f}" for t in sorted(c.verify_ms)),
         "draft cost (ms = a + b * depth):  " + ", ".join(
             f"top_k {k}: {ab[0]:.2f} + {ab[1]:.2f}d" for k, ab in sorted(c.draft_ms.items())),
-        f"per-step bookkeeping: {c.overhead_ms:.2f} ms;  plain decode step: {c.baseline_ms:.2f} ms "
+        f"draft extension: +{c.ext_ms:.2f} ms per extra committed token;  "
+        f"per-step bookkeeping: {c.overhead_ms:.2f} ms",
+        f"plain decode step: {c.baseline_ms:.2f} ms "
         f"({1000 / c.baseline_ms:.1f} tok/s)",
         "",
         f"acceptance ({a.source}, {len(a.samples)} positions; P(level j accepted | levels < j accepted)):",

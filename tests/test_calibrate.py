@@ -109,6 +109,11 @@ def test_cost_model_interpolates_and_roundtrips():
     assert c.step(1, 1, 4) == pytest.approx(2 + 16 + 0.5)
     c2 = C.CostModel.from_dict(json.loads(json.dumps(c.to_dict())))
     assert c2.verify(6) == pytest.approx(c.verify(6)) and c2.draft(4, 2) == pytest.approx(c.draft(4, 2))
+    # Extending the head's cache by the committed tokens costs per token.
+    c.ext_ms = 2.0
+    assert c.step(1, 1, 4, tau=3.0) == pytest.approx(2 + 4 + 16 + 0.5)
+    assert C.CostModel.from_dict(c.to_dict()).ext_ms == 2.0
+    assert C.ext_cost({("ext", 1): 10.0, ("ext", 8): 24.0, (1, 1): 10.0}) == pytest.approx(2.0)
 
 
 def test_monotone_fit():
