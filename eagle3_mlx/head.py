@@ -225,6 +225,7 @@ class Eagle3Head(nn.Module):
       [B, heads, T, cached + T].
     * ``positions``: RoPE start position (int) or per-token positions (int
       array of length T); defaults to the cache offset.
+    * ``logits_rows``: optional index/slice of the rows that need logits.
     """
 
     def __init__(self, cfg: HeadConfig):
@@ -266,7 +267,8 @@ class Eagle3Head(nn.Module):
             raise HeadError("this head has no embed_tokens; pass the target's embedding")
         return target_embed(tokens)
 
-    def __call__(self, embeddings, hidden, cache=None, mask=None, positions=None, from_target=None):
+    def __call__(self, embeddings, hidden, cache=None, mask=None, positions=None, from_target=None,
+                 logits_rows=None):
         if from_target is None:
             width = hidden.shape[-1]
             if width == self.fc_input_dim and width != self.config.hidden_size:
@@ -289,7 +291,8 @@ class Eagle3Head(nn.Module):
         h = self.layers[0](embeddings, hidden, mask, cache[0], positions)
         for layer, c in zip(self.layers[1:], cache[1:]):
             h = layer(h, mask, c, positions)
-        return h, self.lm_head(self.norm(h))
+        # logits_rows: compute the (draft-vocabulary wide) logits only where used.
+        return h, self.lm_head(self.norm(h if logits_rows is None else h[:, logits_rows]))
 
     def to_target_ids(self, draft_ids):
         """Map draft-vocabulary ids to target-vocabulary ids (d + d2t[d])."""

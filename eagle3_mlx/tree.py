@@ -74,10 +74,13 @@ def draft_tree(head, embed, dcache, ids, features, root_token, spec: TreeSpec):
     root_token: [1] int32 target id of the tree root (the last committed,
                 not yet verified token)
     """
-    k, D = spec.top_k, spec.depth
+    k = spec.top_k
+    # A tree of N draft nodes never holds a path longer than N, so deeper
+    # levels could not be kept.
+    D = min(spec.depth, spec.num_nodes - 2)
     start = dcache[0].offset
     out, logits = head(embed(ids), features, cache=dcache, mask="causal", positions=start,
-                       from_target=True)
+                       from_target=True, logits_rows=slice(-1, None))
     P = dcache[0].offset  # next draft position; level-i nodes run at P + i - 1
     h_last = out[:, -1:, :]
     lp = _log_softmax(logits[0, -1])
@@ -127,13 +130,13 @@ def draft_tree(head, embed, dcache, ids, features, root_token, spec: TreeSpec):
     tokens = mx.concatenate(pool_tokens)
     parent = mx.concatenate(pool_parent)
     depth = mx.concatenate(pool_depth)
-    return _select(scores, tokens, parent, depth, root_token, spec)
+    return _select(scores, tokens, parent, depth, root_token, spec, D)
 
 
-def _select(scores, tokens, parent, depth, root_token, spec: TreeSpec) -> DraftTree:
+def _select(scores, tokens, parent, depth, root_token, spec: TreeSpec, levels: int) -> DraftTree:
     """Keep the best nodes in level order and build the verification buffers."""
     M = scores.shape[0]
-    N = spec.num_nodes - 1
+    N = min(spec.num_nodes - 1, M)
     ranked = scores - _DEPTH_TIEBREAK * depth.astype(scores.dtype)
     kept = mx.sort(_topk(ranked, N)) if N < M else mx.arange(M)
     # Map pool index -> node index (1..N); the root is node 0.
@@ -143,7 +146,7 @@ def _select(scores, tokens, parent, depth, root_token, spec: TreeSpec) -> DraftT
     parents = mx.where(kept_parent < 0, 0, node_of[mx.maximum(kept_parent, 0)])
     parents = mx.concatenate([mx.zeros((1,), dtype=mx.int32), parents.astype(mx.int32)])
     T = N + 1
-    ancestors = _ancestor_matrix(parents, T, spec.depth + 1)
+    ancestors = _ancestor_matrix(parents, T, levels + 1)
     node_tokens = mx.concatenate([root_token.astype(mx.int32), tokens[kept].astype(mx.int32)])
     depths = (ancestors.sum(axis=1) - 1).astype(mx.int32)
     return DraftTree(node_tokens, parents, ancestors, depths, T, spec.is_chain)

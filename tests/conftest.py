@@ -58,8 +58,12 @@ class OracleHead(Eagle3Head):
     ``token % every != 0`` its draft is forced to the target's context-free
     next-token guess; elsewhere it drafts from its random weights."""
 
-    def __call__(self, embeddings, hidden, cache=None, mask=None, positions=None, from_target=None):
-        out, logits = super().__call__(embeddings, hidden, cache, mask, positions, from_target)
+    def __call__(self, embeddings, hidden, cache=None, mask=None, positions=None, from_target=None,
+                 logits_rows=None):
+        out, logits = super().__call__(embeddings, hidden, cache, mask, positions, from_target,
+                                       logits_rows)
+        if logits_rows is not None:
+            embeddings = embeddings[:, logits_rows]
         E = self._table
         d = ((embeddings[..., None, :] - E) ** 2).sum(-1)
         tok = mx.argmin(d, axis=-1)
