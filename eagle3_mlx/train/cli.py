@@ -160,9 +160,6 @@ def stage_data(run: Run):
     st = generate_data(model, tok, data_dir, prompts, max_new_tokens=cfg["max_new_tokens"],
                        temp=cfg["temp"], batch_size=cfg["gen_batch"], seed=cfg["seed"],
                        progress=run.progress, time_budget_s=budget, max_train=cfg["num_prompts"])
-    prev = run.stats.get("data", {})
-    if "elapsed_s" in st:
-        st["elapsed_s_total"] = prev.get("elapsed_s_total", 0) + st["elapsed_s"]
     run.record("data", **st)
     print(f"data: {st['sequences']}/{st['total']} sequences, {st['generated_tokens']} generated tokens"
           + (f", {st['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in st else ""))
@@ -397,7 +394,7 @@ def write_model_card(run: Run, out: Path):
         f"lr {cfg.get('lr')} warm-up {cfg.get('warmup')} + cosine, clip 0.5, fp32 |",
         f"| steps | {fit.get('step')} / {fit.get('total_steps')} "
         f"({cfg.get('epochs')} epochs of {cfg.get('batch_tokens')}-token batches) |",
-        f"| time | data {wall.get('data', data.get('elapsed_s_total'))} s, features "
+        f"| time | data {data.get('elapsed_s_total', wall.get('data'))} s, features "
         f"{wall.get('features')} s, training {fit.get('train_time_s')} s (stage wall-clock as run; "
         f"the machine was shared) |",
         f"| hardware | {hw.get('cpus')} CPU cores, {hw.get('system')} {hw.get('machine')}, "

@@ -257,7 +257,16 @@ def generate_data(model, tokenizer, data_dir: Path, prompts: Optional[List[dict]
     next_shard = len(shard_paths(data_dir))
     stats = dict(sequences=len(done & set(wanted)), generated_tokens=n_tokens_done,
                  total=len(wanted))
+    prev_elapsed = 0.0
+    if (data_dir / "progress.json").exists():
+        try:
+            prev_elapsed = float(json.loads((data_dir / "progress.json").read_text())
+                                 .get("elapsed_s_total", 0.0))
+        except (ValueError, OSError):
+            prev_elapsed = 0.0
     if not todo:
+        if prev_elapsed:
+            stats["elapsed_s_total"] = prev_elapsed
         return stats
 
     mx.random.seed(seed + len(done))
@@ -300,9 +309,10 @@ def generate_data(model, tokenizer, data_dir: Path, prompts: Optional[List[dict]
             part, finished = finished[:shard_size], finished[shard_size:]
             write_shard(data_dir / f"shard_{next_shard:05d}.npz", part)
             next_shard += 1
+            el = time.perf_counter() - t0
             atomic_write_json(data_dir / "progress.json", dict(
-                stats, sequences=stats["sequences"], generated_tokens=stats["generated_tokens"],
-                shards=next_shard, tokens_per_s=round(new_tokens / max(time.perf_counter() - t0, 1e-9), 2)))
+                stats, shards=next_shard, tokens_per_s=round(new_tokens / max(el, 1e-9), 2),
+                elapsed_s_total=round(prev_elapsed + el, 1)))
 
     try:
         feed()
@@ -351,5 +361,6 @@ def generate_data(model, tokenizer, data_dir: Path, prompts: Optional[List[dict]
     stats["tokens_per_s"] = new_tokens / max(el, 1e-9)
     stats["elapsed_s"] = el
     stats["stopped_early"] = stopped_early
+    stats["elapsed_s_total"] = round(prev_elapsed + el, 1)
     atomic_write_json(data_dir / "progress.json", dict(stats, shards=next_shard))
     return stats
