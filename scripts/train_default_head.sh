@@ -22,7 +22,7 @@ mkdir -p "$WORK"
 STAGE=all
 case "${1:-}" in all|data|vocab|features|fit|export|eval) STAGE=$1; shift;; esac
 exec "$PY" -m eagle3_mlx.train.cli "$STAGE" --work-dir "$WORK" \
-  --num-prompts 1000 --heldout 40 --max-new-tokens 192 --max-prompt-tokens 320 \
+  --num-prompts 275 --heldout 40 --max-new-tokens 192 --max-prompt-tokens 320 \
   --gen-batch 32 --temp 0 \
   --draft-vocab-size 8192 --intermediate-size 1792 \
   --ttt-steps 5 --lr 1e-3 --epochs 4 --warmup 10 --batch-tokens 2048 \
