@@ -25,7 +25,7 @@ exec "$PY" -m eagle3_mlx.train.cli "$STAGE" --work-dir "$WORK" \
   --num-prompts 275 --heldout 40 --max-new-tokens 192 --max-prompt-tokens 320 \
   --gen-batch 32 --temp 0 \
   --draft-vocab-size 8192 --intermediate-size 1792 \
-  --ttt-steps 5 --lr 1e-3 --epochs 4 --warmup 10 --batch-tokens 2048 \
+  --ttt-steps 5 --lr 1e-3 --epochs 6 --warmup 10 --batch-tokens 2048 \
   --eval-every 15 --ckpt-every 5 --eval-prompts 6 --eval-max-tokens 96 \
   --export-bits 8 --out eagle3_mlx/assets/heads/qwen2.5-coder-0.5b-instruct \
   "$@"
