@@ -98,28 +98,31 @@ def check_safetensors(path) -> dict:
     return header
 
 
+def _indexed_shards(src: Path, index_name: str):
+    """Shard files named by an HF ``*.index.json`` weight map, or None if there is no index."""
+    index = src / index_name
+    if not index.exists():
+        return None
+    wm = read_json(index).get("weight_map") or {}
+    files = sorted({src / f for f in wm.values()})
+    for f in files:
+        if not f.exists():
+            raise ConvertError(f, f"missing shard listed in {index.name}")
+    return files
+
+
 def safetensors_files(src: Path) -> list:
     """The safetensors weight files of a directory (index shards if indexed)."""
-    index = src / "model.safetensors.index.json"
-    if index.exists():
-        wm = read_json(index).get("weight_map") or {}
-        files = sorted({src / f for f in wm.values()})
-        for f in files:
-            if not f.exists():
-                raise ConvertError(f, f"missing shard listed in {index.name}")
+    files = _indexed_shards(src, "model.safetensors.index.json")
+    if files is not None:
         return files
     files = sorted(src.glob("model*.safetensors"))
     return files or sorted(src.glob("*.safetensors"))
 
 
 def bin_files(src: Path) -> list:
-    index = src / "pytorch_model.bin.index.json"
-    if index.exists():
-        wm = read_json(index).get("weight_map") or {}
-        files = sorted({src / f for f in wm.values()})
-        for f in files:
-            if not f.exists():
-                raise ConvertError(f, f"missing shard listed in {index.name}")
+    files = _indexed_shards(src, "pytorch_model.bin.index.json")
+    if files is not None:
         return files
     files = sorted(src.glob("pytorch_model*.bin"))
     return files or sorted(p for p in src.iterdir() if p.suffix in (".bin", ".pt", ".pth"))

@@ -315,6 +315,7 @@ class Engine:
                 logits = logits[0]
                 if params.greedy:
                     path_mask, bonus = greedy_verify(tree, logits)
+                    mx.eval(path_mask, bonus)  # the step's one blocking transfer
                     tokens_h, path_h, bonus_h = (a.tolist() for a in (tree.tokens, path_mask, bonus))
                     path = [i for i in range(tree.size) if path_h[i]]
                     bonus = mx.array([bonus_h], dtype=mx.int32)
