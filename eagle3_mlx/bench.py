@@ -14,18 +14,24 @@ the same model and the EAGLE-3 engine on the same token ids, interleaved
 
 Totals pool tokens and seconds over all prompts (speedup = total spec tok/s /
 total plain tok/s); the per-category summary does the same per category.
+
+With ``--json FILE`` every finished prompt turn is also appended to
+``FILE.partial.jsonl`` (a settings header, then one row a line), so
+``--resume`` can continue a killed run and report old and new rows together.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import platform as _platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import calibrate as cal_mod
 from .prompts import BenchPrompt, PromptSetError, load_prompts
@@ -253,6 +259,13 @@ class Item:
     ids: list = field(default_factory=list)
 
 
+def prompt_key(p: BenchPrompt) -> str:
+    """Identifies a prompt across runs: its id plus a hash of its text, since JSONL ids default
+    to line numbers and --limit reorders the set (so list indices are no key)."""
+    h = hashlib.sha1(json.dumps([p.category, p.turns]).encode()).hexdigest()[:12]
+    return f"{p.id}/{h}"
+
+
 def encode_messages(engine, messages: list) -> list:
     tok = engine.tokenizer
     if getattr(tok, "chat_template", None) is not None:
@@ -262,20 +275,33 @@ def encode_messages(engine, messages: list) -> list:
 
 def run_bench(engine, prompts: List[BenchPrompt], *, trees: List[TreeSpec], turns: int = 1,
               max_tokens: int = 256, temp: float = 0.0, seed: Optional[int] = 0, warmup: bool = True,
-              progress: bool = True, system: Optional[str] = None, log=None) -> dict:
+              progress: bool = True, system: Optional[str] = None, log=None,
+              done: Optional[dict] = None, on_row: Optional[Callable[[dict], None]] = None) -> dict:
     """Run every prompt (and turn) plainly once and speculatively once per tree.
+
+    ``done`` maps (tree label, prompt key, turn) to a record from an earlier run (see
+    ``on_row``); those trees are not run again for that turn and their rows are reported as
+    they are. ``on_row`` gets one record per new row: {"key", "index", "turn", "tree",
+    "plain_text", "row"} (plain_text carries the answer a second turn is conditioned on).
     Returns {"rows": {tree label: [row, ...]}, "summary": ..., "categories": ...}."""
     greedy = temp == 0
     log = log or (lambda s: print(s, file=sys.stderr))
     labels = [tree_label(t) for t in trees]
+    done = dict(done or {})
     n_items = sum(min(turns, len(p.turns)) for p in prompts)
+    todo = {(key, t): [lab for lab in labels if (lab, key, t) not in done]
+            for key, p in zip(map(prompt_key, prompts), prompts)
+            for t in range(1, min(turns, len(p.turns)) + 1)}
+    # A turn with any tree left runs plain again too (every row pairs with its own plain run).
+    n_left = sum(1 + len(labs) for labs in todo.values() if labs)
     rows: Dict[str, list] = {lab: [] for lab in labels}
     bar = None
     if progress:
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=n_items * (1 + len(trees)), unit="run", desc="bench", file=sys.stderr,
+            total = n_items * (1 + len(trees))
+            bar = tqdm(total=total, initial=total - n_left, unit="run", desc="bench", file=sys.stderr,
                        dynamic_ncols=True)
         except ImportError:
             bar = None
@@ -284,7 +310,7 @@ def run_bench(engine, prompts: List[BenchPrompt], *, trees: List[TreeSpec], turn
         engine.set_tree(top_k=spec.top_k, depth=spec.depth, total_tokens=spec.total_tokens)
 
     base = [{"role": "system", "content": system}] if system else []
-    if warmup and prompts:
+    if warmup and prompts and n_left:
         p0 = prompts[0]
         ids = encode_messages(engine, base + [{"role": "user", "content": p0.turns[0]}])
         n = min(16, max_tokens)
@@ -295,32 +321,45 @@ def run_bench(engine, prompts: List[BenchPrompt], *, trees: List[TreeSpec], turn
 
     k = 0
     try:
-        for p in prompts:
+        for i, p in enumerate(prompts):
+            key = prompt_key(p)
             history = list(base)
-            for t in range(min(turns, len(p.turns))):
-                history.append({"role": "user", "content": p.turns[t]})
-                item = Item(p, t + 1, list(history))
-                item.ids = encode_messages(engine, item.messages)
-                spec_runs = {}
-                plain = None
-                # Alternate the order so slow drift (thermal, other load) hits both sides alike.
-                order = ["plain"] + labels if k % 2 == 0 else labels + ["plain"]
-                for what in order:
-                    if what == "plain":
-                        plain = run_plain(engine.model, engine.tokenizer, item.ids, max_tokens, temp, seed)
-                    else:
-                        spec = trees[labels.index(what)]
-                        set_tree(spec)
-                        spec_runs[what] = run_spec(engine, item.ids, max_tokens, temp, seed)
-                    if bar is not None:
-                        bar.update(1)
-                for lab, spec in zip(labels, trees):
-                    rows[lab].append(row_for(item, spec_runs[lab], plain, spec, greedy))
+            for t in range(1, min(turns, len(p.turns)) + 1):
+                history.append({"role": "user", "content": p.turns[t - 1]})
+                left = todo[(key, t)]
+                if left:
+                    item = Item(p, t, list(history))
+                    item.ids = encode_messages(engine, item.messages)
+                    spec_runs = {}
+                    plain = None
+                    # Alternate the order so slow drift (thermal, other load) hits both sides alike;
+                    # k counts skipped turns too, so a resumed run keeps a single run's order.
+                    order = ["plain"] + left if k % 2 == 0 else left + ["plain"]
+                    for what in order:
+                        if what == "plain":
+                            plain = run_plain(engine.model, engine.tokenizer, item.ids, max_tokens, temp, seed)
+                        else:
+                            set_tree(trees[labels.index(what)])
+                            spec_runs[what] = run_spec(engine, item.ids, max_tokens, temp, seed)
+                        if bar is not None:
+                            bar.update(1)
+                    for lab in left:
+                        spec = trees[labels.index(lab)]
+                        rec = {"key": key, "index": i, "turn": t, "tree": lab, "plain_text": plain.text,
+                               "row": row_for(item, spec_runs[lab], plain, spec, greedy)}
+                        done[(lab, key, t)] = rec
+                        if on_row is not None:
+                            on_row(rec)
+                    answer = plain.text
+                else:
+                    answer = done[(labels[0], key, t)]["plain_text"]
+                for lab in labels:
+                    rows[lab].append(done[(lab, key, t)]["row"])
                 if bar is not None:
                     s = summarize(rows[labels[0]])
                     if s["speedup"]:
                         bar.set_postfix(tau=f"{s['tau']:.2f}", speedup=f"{s['speedup']:.2f}x")
-                history.append({"role": "assistant", "content": plain.text})
+                history.append({"role": "assistant", "content": answer})
                 k += 1
     finally:
         if bar is not None:
@@ -412,6 +451,61 @@ def write_plot(path, cats: Dict[str, dict], total: dict, title: str):
 
 
 # ----------------------------------------------------------------------------------
+# resumable runs: the per-prompt sidecar
+# ----------------------------------------------------------------------------------
+
+#: Settings a sidecar's rows depend on (header key -> CLI option); --resume refuses on any change.
+SIDECAR_SETTINGS = {
+    "model": "--model", "draft": "--draft", "dtype": "--dtype", "prompts": "--prompts",
+    "turns": "--turns", "max_tokens": "--max-tokens", "temp": "--temp", "seed": "--seed",
+    "system": "--system",
+}
+
+
+def sidecar_path(json_path) -> Path:
+    return Path(str(json_path) + ".partial.jsonl")
+
+
+def append_line(f, obj: dict):
+    # fsync each line: a killed run loses at most the prompt in flight.
+    f.write(json.dumps(obj) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def read_sidecar(path: Path) -> Tuple[Optional[dict], List[dict], int]:
+    """(header settings or None, records, byte length of the intact part). A run killed
+    mid-write can leave a torn last line; reading stops there."""
+    data = path.read_bytes()
+    settings, records, good = None, [], 0
+    for n, line in enumerate(data.split(b"\n")[:-1]):  # the piece after the last newline is torn
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            break
+        if n == 0:
+            if not isinstance(obj, dict) or not isinstance(obj.get("settings"), dict):
+                break
+            settings = obj["settings"]
+        else:
+            records.append(obj)
+        good += len(line) + 1
+    return settings, records, good
+
+
+def settings_mismatch(old: dict, new: dict) -> List[str]:
+    return [f"{opt} {old.get(k)!r} (this run: {new[k]!r})"
+            for k, opt in SIDECAR_SETTINGS.items() if old.get(k) != new[k]]
+
+
+def write_atomic(path: Path, text: str):
+    # temp file + rename: an interrupted write never leaves a truncated result behind.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------
 
@@ -445,7 +539,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recalibrate", action="store_true", help="with --tree auto: measure again")
     p.add_argument("--quick-calibration", action="store_true",
                    help="with --tree auto: a faster, coarser calibration when none is cached")
-    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="write all results to this JSON file (atomically, at the end); every finished "
+                        "prompt turn is also appended to FILE.partial.jsonl as it completes. That sidecar "
+                        "is kept after the run (it is small); a run without --resume replaces it")
+    p.add_argument("--resume", action="store_true",
+                   help="with --json: continue an interrupted run from FILE.partial.jsonl, running only "
+                        "the prompt turns (per tree) not in it, then report old and new rows together. "
+                        "Refused if the sidecar was written with another --model, --draft, --dtype, "
+                        "--prompts, --turns, --max-tokens, --temp, --seed or --system")
     p.add_argument("--plot", default=None, help="write a PNG of speedup and tau per category "
                                                   "(needs matplotlib: pip install 'eagle3-mlx[plot]')")
     p.add_argument("--no-warmup", action="store_true")
@@ -467,6 +569,9 @@ def main(argv=None) -> int:
     if args.max_tokens < 1:
         err("--max-tokens must be >= 1")
         return 2
+    if args.resume and not args.json:
+        err("--resume needs --json FILE (the run to continue is FILE.partial.jsonl)")
+        return 2
     try:
         prompts = load_prompts(args.prompts, limit=args.limit, categories=args.category)
         fixed = cal_mod.parse_tree(args.tree)
@@ -480,7 +585,33 @@ def main(argv=None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
         model, draft = cal_mod.default_model_paths(args.model, args.draft)
-        dtype = args.dtype or cal_mod.default_dtype()
+    except ValueError as e:
+        err(str(e))
+        return 1
+    dtype = args.dtype or cal_mod.default_dtype()
+    settings = {"model": str(model), "draft": str(draft), "dtype": dtype, "prompts": args.prompts,
+                "turns": args.turns, "max_tokens": args.max_tokens, "temp": args.temp, "seed": args.seed,
+                "system": args.system}
+    sidecar = sidecar_path(args.json) if args.json else None
+    records: List[dict] = []
+    if args.resume and sidecar.exists() and sidecar.stat().st_size:
+        # Check before loading anything, and leave a refused sidecar untouched.
+        old, records, good = read_sidecar(sidecar)
+        if old is None:
+            err(f"--resume: {sidecar} has no settings header; not a bench sidecar")
+            return 2
+        diff = settings_mismatch(old, settings)
+        if diff:
+            err(f"--resume: {sidecar} was written with {'; '.join(diff)}; rerun with the same "
+                "settings, or without --resume to start over")
+            return 2
+        if good < sidecar.stat().st_size:
+            log(f"note: dropping the torn last line of {sidecar}")
+            os.truncate(sidecar, good)
+    elif args.resume:
+        log(f"note: no {sidecar} to resume; starting from scratch")
+
+    try:
         engine = api.load(model, draft, model_dtype=dtype)
     except (ValueError, FileNotFoundError, OSError) as e:
         err(str(e))
@@ -503,9 +634,35 @@ def main(argv=None) -> int:
     log(f"{n_items} prompt turns x (plain + {len(trees)} tree{'s' if len(trees) > 1 else ''}), "
         f"max_tokens {args.max_tokens}, temp {args.temp}")
 
-    res = run_bench(engine, prompts, trees=trees, turns=args.turns, max_tokens=args.max_tokens,
-                    temp=args.temp, seed=args.seed, warmup=not args.no_warmup,
-                    progress=not args.no_progress, system=args.system, log=log)
+    done = {(r["tree"], r["key"], r["turn"]): r for r in records}
+    wanted = {(tree_label(t), prompt_key(p), turn) for t in trees for p in prompts
+              for turn in range(1, min(args.turns, len(p.turns)) + 1)}
+    if done:
+        log(f"resume: {len(wanted & done.keys())} of {len(wanted)} rows already in {sidecar}"
+            + (f" ({len(done.keys() - wanted)} others there are outside this selection and not reported)"
+               if done.keys() - wanted else ""))
+    mode = {"tree": "auto" if fixed is None else "fixed", "grid": bool(grid)}
+    f = None
+    if sidecar:
+        if not args.resume and sidecar.exists():
+            log(f"note: replacing {sidecar} from an earlier run (pass --resume to continue it instead)")
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        f = open(sidecar, "a" if args.resume else "w", encoding="utf-8")
+        if f.tell() == 0:
+            append_line(f, {"eagle3_mlx_bench_sidecar": 1, "settings": settings})
+    try:
+        res = run_bench(engine, prompts, trees=trees, turns=args.turns, max_tokens=args.max_tokens,
+                        temp=args.temp, seed=args.seed, warmup=not args.no_warmup,
+                        progress=not args.no_progress, system=args.system, log=log, done=done,
+                        on_row=(lambda rec: append_line(f, {**rec, "mode": mode})) if f else None)
+    except KeyboardInterrupt:
+        if f is None:
+            raise
+        log(f"interrupted: finished prompts are in {sidecar}; rerun with --resume to continue")
+        return 130
+    finally:
+        if f is not None:
+            f.close()
     lab = tree_label(tree)
     rows, total, cats = res["rows"][lab], res["summary"][lab], res["categories"][lab]
 
@@ -579,9 +736,8 @@ def main(argv=None) -> int:
         print(f"note: {n}")
 
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.json}")
+        write_atomic(Path(args.json), json.dumps(result, indent=1))
+        print(f"wrote {args.json} (per-prompt rows also in {sidecar})")
     if args.plot:
         title = (f"eagle3-mlx bench: {Path(str(model)).name} + {Path(str(draft)).name}, tree {lab}, "
                  f"{machine['backend']} {machine['device']}, mlx {machine['mlx']}")

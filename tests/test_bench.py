@@ -166,3 +166,78 @@ def test_plot_writes_png(tmp_path):
     out = tmp_path / "p.png"
     bench.write_plot(out, cats, {"speedup": 1.8, "tau": 2.9}, "test")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupted_run_resumes_to_the_same_result(pair, tmp_path, monkeypatch, capsys):
+    target, head = pair
+    pf = tmp_path / "p.jsonl"
+    pf.write_text("\n".join(json.dumps(o) for o in [
+        {"turns": ["Write a haiku about rain.", "Now one about snow."], "category": "writing", "id": "a"},
+        {"turns": ["def fibonacci(n):", "Add a docstring."], "category": "coding", "id": "b"},
+    ]) + "\n")
+    argv = ["--model", str(target), "--draft", str(head), "--prompts", str(pf), "--turns", "2",
+            "--max-tokens", "8", "--tree", "2,2,6", "--no-progress", "--no-warmup", "--dtype", "float32"]
+    ref = tmp_path / "ref.json"
+    assert bench.main(argv + ["--json", str(ref)]) == 0
+    ref_rows = json.loads(ref.read_text())["prompts"]
+
+    # Kill the run in the plain decode of its 4th turn: 3 turns are finished.
+    calls = []
+    real_plain = bench.run_plain
+
+    def plain(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_plain(*a, **k)
+
+    out = tmp_path / "r.json"
+    side = bench.sidecar_path(out)
+    monkeypatch.setattr(bench, "run_plain", plain)
+    assert bench.main(argv + ["--json", str(out)]) == 130
+    assert not out.exists()
+    lines = [json.loads(x) for x in side.read_text().splitlines()]
+    assert lines[0]["settings"]["max_tokens"] == 8
+    assert [(r["row"]["id"], r["turn"], r["tree"]) for r in lines[1:]] == [("a", 1, "2,2,6"), ("a", 2, "2,2,6"),
+                                                                           ("b", 1, "2,2,6")]
+    assert all(r["mode"] == {"tree": "fixed", "grid": False} for r in lines[1:])
+
+    # Resume runs only the last turn (whose history needs turn 1's answer from the sidecar);
+    # the progress bar starts at the 3 finished turns x (plain + 1 tree).
+    calls.clear()
+    monkeypatch.setattr(bench, "run_plain", lambda *a, **k: calls.append(1) or real_plain(*a, **k))
+    capsys.readouterr()
+    resumed = [a for a in argv if a != "--no-progress"]
+    assert bench.main(resumed + ["--json", str(out), "--resume"]) == 0
+    assert len(calls) == 1
+    assert "6/8" in capsys.readouterr().err
+    res = json.loads(out.read_text())
+    rows = res["prompts"]
+    assert [(r["id"], r["turn"]) for r in rows] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    assert rows[:3] == [r["row"] for r in lines[1:]]          # old rows reported as they were
+    assert [set(r) for r in rows] == [set(r) for r in ref_rows]
+    # deterministic fields (greedy fp32) match the uninterrupted run, the resumed 2nd turn included
+    det = ("id", "turn", "prompt_tokens", "tokens", "target_forwards", "plain_tokens", "identical")
+    assert [[r[f] for f in det] for r in rows] == [[r[f] for f in det] for r in ref_rows]
+    _check_consistent(res)                                     # totals and categories from all 4 rows
+    assert len(side.read_text().splitlines()) == 1 + 4         # sidecar kept, one line per row
+
+
+def test_resume_with_other_settings_is_refused(pair, tmp_path, capsys):
+    target, head = pair
+    out = tmp_path / "r.json"
+    argv = ["--model", str(target), "--draft", str(head), "--limit", "1", "--tree", "1,1,3", "--no-progress",
+            "--no-warmup", "--quiet", "--dtype", "float32", "--json", str(out)]
+    assert bench.main(argv + ["--max-tokens", "4"]) == 0
+    side = bench.sidecar_path(out)
+    before, result = side.read_bytes(), out.read_bytes()
+    capsys.readouterr()
+    assert bench.main(argv + ["--max-tokens", "5", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--max-tokens 4" in err and "5" in err
+    assert side.read_bytes() == before and out.read_bytes() == result
+    assert bench.main(["--model", str(target), "--draft", str(head), "--resume"]) == 2
+    assert "--json" in capsys.readouterr().err
+    # the same settings resume a finished run without running anything
+    assert bench.main(argv + ["--max-tokens", "4", "--resume"]) == 0
+    assert json.loads(out.read_text())["prompts"] == json.loads(result)["prompts"]
