@@ -72,6 +72,21 @@ def check_compatible(head: Eagle3Head, target: TargetModel):
         raise HeadError("draft head does not fit the target: " + "; ".join(problems))
 
 
+def match_head_dtype(head: Eagle3Head, target: TargetModel):
+    """Cast an unquantized head to the target's compute dtype, in place: a
+    float16 head shipped for size then runs float32 on a CPU (where float16
+    matmuls are slow) and float16/bfloat16 on a GPU, without a cast per step."""
+    if head.config.quantization:
+        return
+    emb = target.embed_tokens
+    dt = emb.scales.dtype if hasattr(emb, "scales") else emb.weight.dtype
+    if head.fc.weight.dtype != dt:
+        from mlx.utils import tree_map
+
+        head.update(tree_map(lambda p: p.astype(dt) if mx.issubdtype(p.dtype, mx.floating) else p,
+                             head.parameters()))
+
+
 class Engine:
     def __init__(self, model, tokenizer, head: Eagle3Head, *, top_k: int = 4, depth: int = 4,
                  total_tokens: int = 16, aux_layer_ids=None, kv_bits: Optional[int] = None,
@@ -83,6 +98,7 @@ class Engine:
         aux = aux_layer_ids or head.config.aux_layer_ids
         self.target = TargetModel(model, aux)
         check_compatible(head, self.target)
+        match_head_dtype(head, self.target)
         self.spec = self._check_tree(TreeSpec(top_k, depth, total_tokens))
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         if kv_bits:

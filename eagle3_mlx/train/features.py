@@ -8,6 +8,9 @@ hidden state). The teacher over the draft vocabulary is recomputed in the
 trainer as ``softmax(hid @ lm_head[used].T)``, so neither the full-vocabulary
 softmax nor the draft-vocabulary logits are ever stored: disk use is
 ``(3*Ht + Ht) * 2`` bytes per token (7 KiB for a 896-wide target).
+Shards holding given (teacher-forced) answers also get ``top1_XXXXX.npy``
+(int32 per token): the target's greedy prediction, which the generated
+shards already carry and which decides the positions that reach the loss.
 
 Why cached and not online: one target forward costs several times a whole
 7-step TTT step of the head per token, and training reads every token
@@ -57,6 +60,30 @@ def extract_sequence(target, tokens: np.ndarray, chunk: int = 0):
     return np.array(f), np.array(h)
 
 
+def top1_path(feat_dir: Path, shard: Path) -> Path:
+    return Path(feat_dir) / f"top1_{shard.stem.split('_')[-1]}.npy"
+
+
+def needs_top1(seq) -> bool:
+    """Sequences with a given (not target-generated) answer have no greedy
+    prediction stored; the features pass supplies it."""
+    return bool((seq.top1[seq.n_prompt - 1: len(seq.tokens) - 1] < 0).any())
+
+
+def answer_top1(target, hid: np.ndarray, seq, chunk: int = 256) -> np.ndarray:
+    """``seq.top1`` with the target's greedy prediction filled in at every
+    answer position (from the final normed hidden state, full vocabulary)."""
+    import mlx.core as mx
+
+    top = np.array(seq.top1, dtype=np.int32, copy=True)
+    lo, hi = seq.n_prompt - 1, len(seq.tokens) - 1
+    for s in range(lo, hi, chunk):
+        e = min(s + chunk, hi)
+        logits = target.lm_head(mx.array(hid[s:e]).astype(mx.float32))
+        top[s:e] = np.array(mx.argmax(logits, axis=-1))
+    return top
+
+
 def extract_features(target, data_dir: Path, feat_dir: Path, *, max_disk_gb: float = 8.0,
                      progress: bool = True, log=print) -> dict:
     """Extract features for every data shard that has none yet (resumable:
@@ -72,7 +99,8 @@ def extract_features(target, data_dir: Path, feat_dir: Path, *, max_disk_gb: flo
         seqs = read_shard(sp)
         n = sum(len(s.tokens) for s in seqs)
         total_tokens += n
-        if not (fp.exists() and hp.exists()):
+        if not (fp.exists() and hp.exists()) or (
+                any(needs_top1(s) for s in seqs) and not top1_path(feat_dir, sp).exists()):
             todo.append((sp, seqs, n))
     need_gb = total_tokens * bpt / 1e9
     if need_gb > max_disk_gb:
@@ -94,15 +122,22 @@ def extract_features(target, data_dir: Path, feat_dir: Path, *, max_disk_gb: flo
     done_tok = 0
     try:
         for sp, seqs, n in todo:
-            fs, hs = [], []
+            fs, hs, tops = [], [], []
+            fill = any(needs_top1(s) for s in seqs)
             for s in seqs:
                 f, h = extract_sequence(target, s.tokens)
                 fs.append(f)
                 hs.append(h)
+                if fill:
+                    tops.append(answer_top1(target, h, s))
                 if bar is not None:
                     bar.update(len(s.tokens))
             F, Hh = np.concatenate(fs), np.concatenate(hs)
             fp, hp = feature_paths(feat_dir, sp)
+            # top1 first: the feature pair's presence marks the shard as done.
+            if fill:
+                T1 = np.concatenate(tops)
+                atomic_write_bytes(top1_path(feat_dir, sp), lambda fh: np.save(fh, T1))
             atomic_write_bytes(hp, lambda fh: np.save(fh, Hh))
             atomic_write_bytes(fp, lambda fh: np.save(fh, F))
             done_tok += n
@@ -125,9 +160,13 @@ class FeatureStore:
                 continue
             F = np.load(fp, mmap_mode="r")
             Hh = np.load(hp, mmap_mode="r")
+            tp = top1_path(feat_dir, sp)
+            T1 = np.load(tp) if tp.exists() else None
             off = 0
             for s in read_shard(sp):
                 n = len(s.tokens)
+                if T1 is not None:
+                    s.top1 = T1[off:off + n]
                 self.items.append(dict(seq=s, feat=F[off:off + n], hid=Hh[off:off + n]))
                 off += n
 
