@@ -1179,17 +1179,17 @@ class OnlineTuner:
         self._steps = self._tokens = 0
         current = evaluate(spec, self.cal.costs, acc)
         best, _ = optimise(self.cal.costs, acc)
+        switch = best.tps > current.tps * (1 + self.min_gain)
+        if switch:
+            self.engine.set_tree(top_k=best.spec.top_k, depth=best.spec.depth,
+                                 total_tokens=best.spec.total_tokens)
+            self.cal.choice = best      # saved below: the next start uses the new tree
         if self.save:
             try:
                 save_calibration(self.cal, self.directory)
             except OSError:
                 pass
-        if best.tps > current.tps * (1 + self.min_gain):
-            self.cal.choice = best
-            self.engine.set_tree(top_k=best.spec.top_k, depth=best.spec.depth,
-                                 total_tokens=best.spec.total_tokens)
-            return best.spec
-        return None
+        return best.spec if switch else None
 
 
 def make_tuner(engine, *, directory: Optional[Path] = None, **kw) -> Optional[OnlineTuner]:

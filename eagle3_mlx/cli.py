@@ -67,6 +67,44 @@ def apply_tree_arg(engine, tree_arg: str, log=None):
     return apply_tree(engine, tree_arg, log=log)
 
 
+def is_auto_tree(tree_arg) -> bool:
+    """True when a --tree value asks for the calibrated tree ('auto' or nothing)."""
+    return tree_arg is None or str(tree_arg).strip().lower() == "auto"
+
+
+# A one-shot run (generate, chat --smoke) refreshes the cached acceptance only
+# when it saw at least this many speculative steps: fewer say little.
+RUN_TUNE_STEPS = 16
+
+
+def auto_tuner(engine, tree_arg, **kw):
+    """An :class:`~eagle3_mlx.calibrate.OnlineTuner` for an engine whose tree
+    came from ``--tree auto`` (call after :func:`apply_tree_arg`); None for an
+    explicit tree (never changed) or when no calibration is cached."""
+    if not is_auto_tree(tree_arg):
+        return None
+    from .calibrate import make_tuner
+
+    return make_tuner(engine, **kw)
+
+
+def finish_run_tuning(tuner, log=None):
+    """End of a one-shot run: refresh the acceptance from the steps the tuner
+    observed and save it for the next run. Logs one line only when the tree
+    changed (or tuning failed); returns the new TreeSpec or None."""
+    if tuner is None:
+        return None
+    log = log or (lambda m: None)
+    try:
+        spec = tuner.maybe_retune()
+    except Exception as e:  # noqa: BLE001 - the answer is already out; never fail the run
+        log(f"tree: online tuning skipped ({type(e).__name__}: {e})")
+        return None
+    if spec is not None:
+        log(f"tree: retuned to {spec.top_k},{spec.depth},{spec.total_tokens} for the next run")
+    return spec
+
+
 def generate_main(argv):
     p = argparse.ArgumentParser(prog="eagle3-mlx generate", description="Generate text with EAGLE-3 speculative decoding.")
     p.add_argument("--model", required=True, help="MLX target model directory or HF repo")
@@ -91,9 +129,11 @@ def generate_main(argv):
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
         engine = api.load(args.model, args.draft, model_dtype=args.dtype, kv_bits=args.kv_bits)
+        tuner = None
         if not args.no_spec:
             spec = apply_tree_arg(engine, args.tree, log=lambda m: print(m, file=sys.stderr))
             print(f"draft tree: {spec}", file=sys.stderr)
+            tuner = auto_tuner(engine, args.tree, every=RUN_TUNE_STEPS)
         if not args.ignore_chat_template and engine.tokenizer.chat_template is not None:
             msgs = ([{"role": "system", "content": args.system}] if args.system else [])
             prompt = msgs + [{"role": "user", "content": prompt}]
@@ -103,10 +143,14 @@ def generate_main(argv):
                                         seed=args.seed, speculative=not args.no_spec):
             print(r.text, end="", flush=True)
             last = r
+            if tuner is not None:
+                tuner.observe(r)
         print()
         if last is not None:
             print("=" * 10, file=sys.stderr)
             print(format_stats(last), file=sys.stderr)
+        # --tree auto: this run's acceptance refreshes the cached calibration
+        finish_run_tuning(tuner, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"eagle3-mlx generate: error: {e}", file=sys.stderr)
         return 1

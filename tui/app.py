@@ -302,7 +302,8 @@ class ChatApp(App):
             self.errors.append(msg.error)
             await self._add(NoticeMessage(msg.error, error=True))
         elif msg.tree:
-            self.notify("Tree: top-k {top_k}, depth {depth}, {total_tokens} tokens".format(**msg.tree),
+            what = "Tree retuned from live acceptance" if getattr(msg, "retuned", False) else "Tree"
+            self.notify(what + ": top-k {top_k}, depth {depth}, {total_tokens} tokens".format(**msg.tree),
                         timeout=3)
         self._update_status()
         self._refresh_stats()

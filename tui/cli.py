@@ -114,10 +114,16 @@ def resolve_paths(model: str | None, draft: str | None, progress: Callable[..., 
 
 
 def make_loader(model: str | None, draft: str | None, tree: dict | None = None,
-                tree_arg: str = "auto"):
+                tree_arg: str = "auto", tuner_options: dict | None = None):
     """A loader for EngineThread: runs on the engine thread, returns the engine.
     Explicit tree options win; otherwise ``tree_arg`` ('auto' calibrates once per
-    machine and model, then reads the cache)."""
+    machine and model, then reads the cache).
+
+    With the calibrated tree ('auto' and no explicit options) the loader also
+    carries ``make_tuner(engine)``: the engine thread builds an OnlineTuner
+    with it (``tuner_options``: its keyword arguments, e.g. ``every``) that
+    refreshes the acceptance estimate while the chat runs.  An explicit tree
+    has no ``make_tuner`` and is never changed."""
     tree = dict(tree or {})
 
     def loader(progress: Callable[..., None]):
@@ -133,6 +139,15 @@ def make_loader(model: str | None, draft: str | None, tree: dict | None = None,
             apply_tree_arg(engine, tree_arg, log=progress)
         return engine
 
+    from eagle3_mlx.cli import auto_tuner, is_auto_tree
+
+    if not tree and is_auto_tree(tree_arg):
+        options = dict(tuner_options or {})
+
+        def make_tuner(engine):
+            return auto_tuner(engine, tree_arg, **options)
+
+        loader.make_tuner = make_tuner
     return loader
 
 
@@ -179,8 +194,12 @@ def smoke(args) -> int:
     def progress(text, fraction=None):
         print(text, file=sys.stderr, flush=True)
 
+    from eagle3_mlx.cli import RUN_TUNE_STEPS, finish_run_tuning
+
+    loader = make_loader(args.model, args.draft, tree_kwargs(args), args.tree,
+                         tuner_options={"every": RUN_TUNE_STEPS})
     try:
-        engine = make_loader(args.model, args.draft, tree_kwargs(args), args.tree)(progress)
+        engine = loader(progress)
     except ChatSetupError as exc:
         print(f"eagle3-mlx chat: {exc}", file=sys.stderr)
         return 2
@@ -191,6 +210,9 @@ def smoke(args) -> int:
         return 1
     msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.smoke}]
+    # --tree auto: the answer's acceptance refreshes the cached calibration
+    make_tuner = getattr(loader, "make_tuner", None)
+    tuner = make_tuner(engine) if make_tuner is not None and not args.plain else None
     last = None
     t0 = time.perf_counter()
     ttft = None
@@ -201,9 +223,12 @@ def smoke(args) -> int:
         sys.stdout.write(r.text)
         sys.stdout.flush()
         last = r
+        if tuner is not None:
+            tuner.observe(r)
     print()
     if last is not None:
         print(stats_line(last, ttft))
+    finish_run_tuning(tuner, log=lambda m: print(m, file=sys.stderr))
     return 0
 
 

@@ -7,6 +7,13 @@ tree changes.  The UI puts requests on a ``queue.Queue`` and never waits for
 the model; the thread posts Textual messages back (``post_message`` is
 thread-safe and does not block).  Token deltas are batched to at most about
 twenty posts a second so a fast model cannot flood the UI.
+
+With the calibrated tree (``--tree auto``) the thread also runs an
+``OnlineTuner``: it sees every response of the speculative answers and, after
+each finished answer, refreshes the acceptance estimate from them, saves it
+to the calibration cache and may switch to a better tree (posted as
+``TreeSet(..., retuned=True)``).  An explicit tree, or one the user sets in
+the settings, is never changed.
 """
 
 from __future__ import annotations
@@ -79,12 +86,14 @@ class AnswerFailed(Message):
 
 
 class TreeSet(Message):
-    """The tree the engine uses after a set_tree request (``error`` if refused)."""
+    """The tree the engine uses after a set_tree request (``error`` if refused),
+    or after the online tuner switched it (``retuned``)."""
 
-    def __init__(self, tree: dict | None, error: str | None = None) -> None:
+    def __init__(self, tree: dict | None, error: str | None = None, retuned: bool = False) -> None:
         super().__init__()
         self.tree = tree
         self.error = error
+        self.retuned = retuned
 
 
 class EngineNotice(Message):
@@ -166,12 +175,18 @@ class EngineThread:
     ``loader(progress)`` runs on that thread and returns the engine;
     ``progress(text, fraction=None)`` reports load progress to the UI.
     ``post(message)`` delivers messages to the UI (``app.post_message``).
+    ``tuner_factory(engine)`` (default: the loader's ``make_tuner`` attribute,
+    which ``cli.make_loader`` sets only for the calibrated tree) returns an
+    ``OnlineTuner`` or None; it runs on this thread right after loading.
     """
 
     def __init__(self, loader: Callable[[Callable[..., None]], Any], post: Callable[[Message], Any], *,
                  clock: Callable[[], float] = time.perf_counter, flush_interval: float = 0.05,
-                 name: str = "eagle3-engine") -> None:
+                 name: str = "eagle3-engine",
+                 tuner_factory: Callable[[Any], Any] | None = None) -> None:
         self._loader = loader
+        self._tuner_factory = tuner_factory if tuner_factory is not None else getattr(loader, "make_tuner", None)
+        self.tuner: Any = None  # the OnlineTuner while the tree is tuned automatically
         self._post_fn = post
         self._clock = clock
         self._flush_interval = flush_interval
@@ -252,6 +267,11 @@ class EngineThread:
             self._post(LoadFailed(self.load_error))
         else:
             self.engine = engine
+            if self._tuner_factory is not None:
+                try:
+                    self.tuner = self._tuner_factory(engine)
+                except Exception:  # noqa: BLE001 - tuning is optional; the tree stays as loaded
+                    self.tuner = None
             self.loaded.set()
             self._post(EngineReady({"tree": engine_tree(engine)}))
         while True:
@@ -287,7 +307,24 @@ class EngineThread:
         except Exception as exc:  # noqa: BLE001
             self._post(TreeSet(engine_tree(self.engine), f"Could not change the tree: {describe_error(exc)}"))
         else:
+            self.tuner = None  # the user chose this tree: no automatic changes for the session
             self._post(TreeSet(engine_tree(self.engine) or dict(req.tree)))
+
+    def _retune(self) -> None:
+        """After an answer: let the online tuner refresh the acceptance and
+        maybe switch the tree; the app hears about a switch."""
+        tuner = self.tuner
+        if tuner is None or self.engine is None:
+            return
+        try:
+            spec = tuner.maybe_retune()
+        except Exception as exc:  # noqa: BLE001 - stop tuning, keep chatting
+            self.tuner = None
+            self._post(EngineNotice(f"Automatic tree tuning stopped: {describe_error(exc)}"))
+            return
+        if spec is not None:
+            tree = {"top_k": spec.top_k, "depth": spec.depth, "total_tokens": spec.total_tokens}
+            self._post(TreeSet(engine_tree(self.engine) or tree, retuned=True))
 
     def _generate(self, req: GenerateRequest) -> None:
         if req.cancel.is_set():
@@ -309,6 +346,8 @@ class EngineThread:
         pending: list[TokenRecord] = []
         latest = None
         cancel_sent = False
+        tuner = self.tuner if req.speculative else None
+        finished = False
 
         def flush():
             nonlocal pending, last_flush
@@ -326,6 +365,8 @@ class EngineThread:
                     ttft_ms = (now - t0) * 1000.0
                 pending.append(TokenRecord.from_response(r))
                 latest = snapshot_response(r)
+                if tuner is not None:
+                    tuner.observe(r)
                 if req.cancel.is_set():
                     # The UI has already frozen the answer; drain quietly until
                     # the engine notices the flag at its next step boundary.
@@ -346,9 +387,12 @@ class EngineThread:
             after = getattr(engine, "prompt_tokens_processed", None)
             new_prompt = after - before if isinstance(after, int) and isinstance(before, int) else None
             self._post(AnswerDone(req.request_id, latest, ttft_ms, new_prompt, req.cancel.is_set()))
+            finished = True
         finally:
             with self._lock:
                 self._current = None
+        if tuner is not None and finished:
+            self._retune()  # after AnswerDone: the answer is never held up by it
 
 
 def describe_load_error(exc: BaseException) -> str:
