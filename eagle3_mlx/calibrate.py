@@ -11,7 +11,7 @@ forward over the T tree tokens plus greedy verification and KV compaction;
 this machine, with this model, quantization and mlx version.
 
 Acceptance is measured once per (target, head): the target's own greedy
-continuations of a few MT-bench prompts are replayed through the head
+continuations of a few built-in prompts (not MT-bench questions) are replayed through the head
 *teacher-forced* (each draft level fed the true previous tokens, exactly what
 the head sees when its earlier levels were accepted). For every committed
 position that gives the rank of the target's token in the head's distribution
@@ -1027,7 +1027,7 @@ def calibrate(engine, *, force: bool = False, quick: bool = False, directory: Op
         log("  " + "  ".join(f"k={k}:{a:.1f}+{b:.1f}/level" for k, (a, b) in sorted(draft_fit.items()))
             + f" ms; +{ext_ms:.2f} ms per extra committed token")
         prompts = calibration_prompts(n_prompts)
-        log(f"measuring acceptance on {len(prompts)} MT-bench prompts x {max_tokens} tokens ...")
+        log(f"measuring acceptance on {len(prompts)} calibration prompts x {max_tokens} tokens ...")
         # A moderate tree: fast with a trained head, cheap with a useless one (the
         # continuations are the same greedy tokens whatever the tree).
         engine.set_tree(top_k=2, depth=min(3, levels - 1), total_tokens=min(8, max(widths)))
@@ -1304,7 +1304,7 @@ def main(argv=None) -> int:
                    help="show cached calibrations (this model's with --model, else all) without measuring")
     p.add_argument("--force", action="store_true", help="measure again even if cached")
     p.add_argument("--quick", action="store_true", help="fewer widths, prompts and repetitions")
-    p.add_argument("--prompts", type=int, default=None, help="MT-bench prompts for acceptance (default 4)")
+    p.add_argument("--prompts", type=int, default=None, help="built-in calibration prompts for acceptance (default 4, at most 8; not MT-bench)")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per acceptance prompt (default 64)")
     p.add_argument("--json", default=None, help="also write the calibration record to this file")
     args = p.parse_args(argv)

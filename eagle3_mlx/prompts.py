@@ -106,13 +106,27 @@ def round_robin(prompts: List[BenchPrompt]) -> List[BenchPrompt]:
     return out
 
 
+#: Our own prompts for measuring acceptance during calibration, one per
+#: MT-bench category but *not* MT-bench questions, so a bench run on MT-bench is
+#: never scored with a tree tuned on its own prompts.
+CALIBRATION_PROMPTS = [
+    ("writing", "Write a short blog post about a weekend trip to the mountains, with a few tips "
+                "for first-time hikers."),
+    ("coding", "Write a Python function that returns the n-th Fibonacci number using memoization, "
+               "and explain how it works."),
+    ("math", "A rectangle has a perimeter of 36 cm and its length is twice its width. Find its "
+             "area and show each step."),
+    ("reasoning", "Anna, Ben and Carl each ordered a different drink: tea, coffee or juice. Anna "
+                  "did not order coffee and Ben ordered juice. Who ordered what? Explain."),
+    ("extraction", "Return every city and year mentioned in this text as a JSON list of objects: "
+                   "'The meeting moved from Oslo in 2019 to Lisbon in 2021 and goes to Kyoto in 2024.'"),
+    ("stem", "Explain in simple terms how a vaccine trains the immune system."),
+    ("roleplay", "Pretend you are a tour guide in ancient Rome and welcome a group of visitors."),
+    ("humanities", "Summarize the main causes of the French Revolution."),
+]
+
+
 def calibration_prompts(n: int = 4) -> List[str]:
-    """A few first turns from different MT-bench categories for measuring
-    acceptance (writing, coding, math, reasoning, ...)."""
-    prefer = ["writing", "coding", "math", "reasoning", "extraction", "stem", "roleplay", "humanities"]
-    ps = load_prompts("mtbench")
-    by_cat = {}
-    for p in ps:
-        by_cat.setdefault(p.category, p)
-    out = [by_cat[c].turns[0] for c in prefer if c in by_cat]
-    return out[:n]
+    """``n`` built-in prompts from different categories (writing, coding, math,
+    reasoning, ...) for measuring acceptance; none of them is an MT-bench question."""
+    return [text for _, text in CALIBRATION_PROMPTS[:n]]

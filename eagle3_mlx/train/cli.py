@@ -412,13 +412,17 @@ def write_model_card(run: Run, out: Path):
         f"| aux layers (HF hidden_states index) | see config.json `aux_layer_ids` |",
         f"| data | {data.get('sequences')} ShareGPT first turns answered by the target "
         f"(greedy, <= {cfg.get('max_new_tokens')} new tokens): {data.get('generated_tokens')} "
-        f"generated tokens; {cfg.get('heldout')} prompts held out |",
+        f"generated tokens; {cfg.get('heldout')} prompts held out"
+        + (f"; plus {cfg['sharegpt_answers']} ShareGPT exchanges with their original answers "
+           f"(teacher-forced, prompts <= {cfg.get('answer_max_prompt_tokens')} tokens)"
+           if cfg.get("sharegpt_answers") else "") + " |",
         f"| train split used | {fit.get('train_sequences')} sequences, {fit.get('train_tokens')} tokens |",
         f"| draft vocab | {vocab.get('draft_vocab_size')} tokens ({vocab.get('distinct_tokens')} distinct "
         f"tokens seen); coverage {vocab.get('coverage')} of the training assistant tokens, "
         f"{vocab.get('heldout_coverage')} of the held-out ones |",
         f"| head | hidden {896}, intermediate {cfg.get('intermediate_size')}, 1 layer, "
-        f"RoPE base 10000; shipped {('%d-bit' % cfg['export_bits']) if cfg.get('export_bits') else 'unquantized'} |",
+        f"RoPE base 10000; shipped "
+        f"{('%d-bit' % cfg['export_bits']) if cfg.get('export_bits') else (cfg.get('export_dtype') or 'float32')} |",
         f"| TTT | {cfg.get('ttt_steps')} steps, decay {cfg.get('decay')}, AdamW(0.9, 0.95), "
         f"lr {cfg.get('lr')} warm-up {cfg.get('warmup')} + cosine, clip 0.5, fp32 |",
         f"| steps | {fit.get('step')} / {fit.get('total_steps')} "
