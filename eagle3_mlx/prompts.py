@@ -86,7 +86,7 @@ def load_prompts(spec: str = "mtbench", *, limit: Optional[int] = None,
         prompts = [p for p in prompts if p.category.lower() in want]
         if not prompts:
             raise PromptSetError(f"no prompts in categories {sorted(want)}")
-    if limit is not None and limit < len(prompts):
+    if limit is not None:  # also when limit >= len: an interrupted run still covers every category
         prompts = round_robin(prompts)[: max(0, limit)]
     return prompts
 
