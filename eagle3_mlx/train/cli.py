@@ -169,11 +169,10 @@ def stage_data(run: Run):
         from .data import add_answer_prompts, answer_sequences, load_sharegpt_first_exchanges
 
         if prompts is not None:  # the answered list must exist before answers are appended
-            from .data import atomic_write_bytes
+            from .data import write_prompts
 
             data_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(data_dir / "prompts.jsonl", lambda f: f.write(
-                "".join(json.dumps(p) + "\n" for p in prompts).encode()))
+            write_prompts(data_dir, prompts)
             prompts = None
         ex = load_sharegpt_first_exchanges(Path(cfg["sharegpt"]) if cfg.get("sharegpt") else None)
         add_answer_prompts(tok, data_dir, ex, cfg["sharegpt_answers"], seed=cfg["seed"],

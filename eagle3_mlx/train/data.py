@@ -103,6 +103,11 @@ def load_sharegpt_first_exchanges(path: Optional[Path] = None) -> List[tuple]:
     return out
 
 
+def prompt_key(text: str) -> str:
+    """Whitespace- and case-insensitive identity of a prompt (dedup, eval filter)."""
+    return " ".join(text.split()).lower()
+
+
 def _eval_prompt_texts() -> set:
     """Normalised texts of evaluation prompts (MT-bench) when the evaluator
     package is installed, so they can never leak into training."""
@@ -115,7 +120,7 @@ def _eval_prompt_texts() -> set:
         for line in q.read_text().splitlines():
             if line.strip():
                 for turn in json.loads(line).get("turns", []):
-                    texts.add(" ".join(turn.split()).lower())
+                    texts.add(prompt_key(turn))
     except Exception:
         pass
     return texts
@@ -135,7 +140,7 @@ def select_prompts(tokenizer, n_train: int, n_heldout: int, *, seed: int = 0,
     need = n_train + n_heldout
     for i in order:
         t = texts[int(i)]
-        key = " ".join(t.split()).lower()
+        key = prompt_key(t)
         if key in seen or key in banned:
             continue
         seen.add(key)
@@ -233,6 +238,12 @@ def load_prompts(data_dir: Path) -> List[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+def write_prompts(data_dir: Path, prompts: List[dict]):
+    """``prompts.jsonl``, written atomically (one JSON object per line)."""
+    atomic_write_bytes(Path(data_dir) / "prompts.jsonl", lambda f: f.write(
+        "".join(json.dumps(p) + "\n" for p in prompts).encode()))
+
+
 def selected_indices(prompts: List[dict], max_train: Optional[int] = None) -> List[int]:
     """Held-out prompt indices first, then the first ``max_train`` train ones
     the target answers, then every prompt that carries its own answer."""
@@ -260,13 +271,13 @@ def add_answer_prompts(tokenizer, data_dir: Path, exchanges: List[tuple], n: int
     have = sum("answer" in p for p in prompts)
     if have >= n:
         return have
-    seen = {" ".join(p["text"].split()).lower() for p in prompts}
+    seen = {prompt_key(p["text"]) for p in prompts}
     banned = _eval_prompt_texts()
     rng = np.random.default_rng(seed + 1)
     added = []
     for i in rng.permutation(len(exchanges)):
         q, a = exchanges[int(i)]
-        key = " ".join(q.split()).lower()
+        key = prompt_key(q)
         if key in seen or key in banned:
             continue
         seen.add(key)
@@ -276,8 +287,7 @@ def add_answer_prompts(tokenizer, data_dir: Path, exchanges: List[tuple], n: int
         added.append({"text": q, "ids": ids, "split": "train", "answer": a})
         if have + len(added) >= n:
             break
-    atomic_write_bytes(data_dir / "prompts.jsonl", lambda f: f.write(
-        "".join(json.dumps(p) + "\n" for p in prompts + added).encode()))
+    write_prompts(data_dir, prompts + added)
     return have + len(added)
 
 
@@ -330,8 +340,7 @@ def generate_data(model, tokenizer, data_dir: Path, prompts: Optional[List[dict]
     data_dir.mkdir(parents=True, exist_ok=True)
     pfile = data_dir / "prompts.jsonl"
     if prompts is not None and not pfile.exists():
-        atomic_write_bytes(pfile, lambda f: f.write(
-            "".join(json.dumps(p) + "\n" for p in prompts).encode()))
+        write_prompts(data_dir, prompts)
     prompts = load_prompts(data_dir)
 
     done = set()
