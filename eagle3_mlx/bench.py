@@ -494,8 +494,11 @@ def read_sidecar(path: Path) -> Tuple[Optional[dict], List[dict], int]:
 
 
 def settings_mismatch(old: dict, new: dict) -> List[str]:
+    # Greedy rows do not depend on the seed, so a greedy run may resume under another one.
+    greedy = old.get("temp") == 0 and new["temp"] == 0
     return [f"{opt} {old.get(k)!r} (this run: {new[k]!r})"
-            for k, opt in SIDECAR_SETTINGS.items() if old.get(k) != new[k]]
+            for k, opt in SIDECAR_SETTINGS.items()
+            if old.get(k) != new[k] and not (greedy and k == "seed")]
 
 
 def write_atomic(path: Path, text: str):

@@ -241,3 +241,15 @@ def test_resume_with_other_settings_is_refused(pair, tmp_path, capsys):
     # the same settings resume a finished run without running anything
     assert bench.main(argv + ["--max-tokens", "4", "--resume"]) == 0
     assert json.loads(out.read_text())["prompts"] == json.loads(result)["prompts"]
+
+
+def test_resume_checks_the_seed_only_when_sampling():
+    base = dict(model="m", draft="d", dtype="float32", prompts="mtbench", turns=1, max_tokens=8,
+                system=None)
+    greedy = lambda seed: dict(base, temp=0.0, seed=seed)  # noqa: E731
+    sampled = lambda seed: dict(base, temp=0.7, seed=seed)  # noqa: E731
+    assert bench.settings_mismatch(greedy(0), greedy(1)) == []
+    assert bench.settings_mismatch(sampled(0), sampled(0)) == []
+    diff = bench.settings_mismatch(sampled(0), sampled(1))
+    assert len(diff) == 1 and diff[0].startswith("--seed 0")
+    assert [d.split()[0] for d in bench.settings_mismatch(greedy(0), sampled(1))] == ["--temp", "--seed"]
