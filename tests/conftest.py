@@ -97,3 +97,12 @@ def oracle_head(tiny):
         return made[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """(target dir, head dir) of the tiny chat demo, built once per session for the
+    chat, engine-thread and online-tuning tests."""
+    from eagle3_mlx.tui.tiny_demo import build_tiny_demo
+
+    return build_tiny_demo(tmp_path_factory.getbasetemp() / "tiny_chat", reuse=True)

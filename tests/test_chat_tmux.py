@@ -22,13 +22,6 @@ import pytest
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
 
-@pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory):
-    from eagle3_mlx.tui.tiny_demo import build_tiny_demo
-
-    return build_tiny_demo(tmp_path_factory.getbasetemp() / "tiny_chat", reuse=True)
-
-
 def _script() -> list[str]:
     exe = Path(sys.executable).parent / "eagle3-mlx"
     if exe.exists():

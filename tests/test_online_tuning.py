@@ -40,14 +40,6 @@ def shape(spec) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
-    from eagle3_mlx.tui.tiny_demo import build_tiny_demo
-
-    # shared with test_tui_engine.py / test_chat_tmux.py through the session's base temp directory
-    return build_tiny_demo(tmp_path_factory.getbasetemp() / "tiny_chat", reuse=True)
-
-
-@pytest.fixture(scope="module")
 def cal_key(tiny_pair):
     """The calibration key of the tiny pair as every command here loads it."""
     from eagle3_mlx.api import load

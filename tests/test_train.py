@@ -247,7 +247,8 @@ def test_pipeline_smoke(tiny_dir, tmp_path):
     model, tok = load(str(tiny_dir(FAMILY)))
     head = load_head(tmp_path / "shipped")
     assert head.config.quantization["bits"] == 8
-    assert (tmp_path / "shipped" / "MODEL_CARD.md").exists()
+    card = (tmp_path / "shipped" / "MODEL_CARD.md").read_text()
+    assert f"| head | hidden {head.config.hidden_size}, intermediate 64," in card
     eng = Engine(model, tok, head)
     msgs = [{"role": "user", "content": "the lazy dog"}]
     spec = eng.generate(msgs, max_tokens=12)

@@ -26,14 +26,6 @@ def visible(text: str) -> str:
     return "".join(c for c in text if c in "\n\t" or ord(c) >= 32 and not 127 <= ord(c) < 160)
 
 
-@pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory):
-    from eagle3_mlx.tui.tiny_demo import build_tiny_demo
-
-    # shared with test_chat_tmux.py through the session's base temp directory
-    return build_tiny_demo(tmp_path_factory.getbasetemp() / "tiny_chat", reuse=True)
-
-
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

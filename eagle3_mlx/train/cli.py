@@ -399,6 +399,8 @@ def write_model_card(run: Run, out: Path):
     last = fit.get("last") or {}
     acc = last.get("heldout_acc")
     hw = s.get("hardware", {})
+    head_cfg_path = run.work / "head_ship" / "config.json"
+    head_cfg = json.loads(head_cfg_path.read_text()) if head_cfg_path.exists() else {}
     lines = [
         f"# EAGLE-3 head for {Path(str(cfg.get('model') or 'Qwen2.5-Coder-0.5B-Instruct')).name}",
         "",
@@ -419,16 +421,16 @@ def write_model_card(run: Run, out: Path):
         f"| draft vocab | {vocab.get('draft_vocab_size')} tokens ({vocab.get('distinct_tokens')} distinct "
         f"tokens seen); coverage {vocab.get('coverage')} of the training assistant tokens, "
         f"{vocab.get('heldout_coverage')} of the held-out ones |",
-        f"| head | hidden {896}, intermediate {cfg.get('intermediate_size')}, 1 layer, "
-        f"RoPE base 10000; shipped "
+        f"| head | hidden {head_cfg.get('hidden_size')}, intermediate "
+        f"{head_cfg.get('intermediate_size', cfg.get('intermediate_size'))}, 1 layer, "
+        f"RoPE base {head_cfg.get('rope_theta', 10000.0):g}; shipped "
         f"{('%d-bit' % cfg['export_bits']) if cfg.get('export_bits') else (cfg.get('export_dtype') or 'float32')} |",
         f"| TTT | {cfg.get('ttt_steps')} steps, decay {cfg.get('decay')}, AdamW(0.9, 0.95), "
         f"lr {cfg.get('lr')} warm-up {cfg.get('warmup')} + cosine, clip 0.5, fp32 |",
         f"| steps | {fit.get('step')} / {fit.get('total_steps')} "
         f"({cfg.get('epochs')} epochs of {cfg.get('batch_tokens')}-token batches) |",
         f"| time | data {data.get('elapsed_s_total', wall.get('data'))} s, features "
-        f"{wall.get('features')} s, training {fit.get('train_time_s')} s (stage wall-clock as run; "
-        f"the machine was shared) |",
+        f"{wall.get('features')} s, training {fit.get('train_time_s')} s (stage wall-clock as run) |",
         f"| hardware | {hw.get('cpus')} CPU cores, {hw.get('system')} {hw.get('machine')}, "
         f"MLX CPU backend with OpenBLAS |",
         f"| held-out top-1 agreement per TTT step | {acc} |",
