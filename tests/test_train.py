@@ -249,6 +249,8 @@ def test_pipeline_smoke(tiny_dir, tmp_path):
     assert head.config.quantization["bits"] == 8
     card = (tmp_path / "shipped" / "MODEL_CARD.md").read_text()
     assert f"| head | hidden {head.config.hidden_size}, intermediate 64," in card
+    assert f"| target | `{tiny_dir(FAMILY)}` |" in card
+    assert f"| aux layers (HF hidden_states index) | {list(head.config.aux_layer_ids)} |" in card
     eng = Engine(model, tok, head)
     msgs = [{"role": "user", "content": "the lazy dog"}]
     spec = eng.generate(msgs, max_tokens=12)

@@ -404,13 +404,16 @@ def write_model_card(run: Run, out: Path):
     lines = [
         f"# EAGLE-3 head for {Path(str(cfg.get('model') or 'Qwen2.5-Coder-0.5B-Instruct')).name}",
         "",
-        "Trained on this machine with `eagle3-mlx train` (MLX, CPU). Reproduce with "
-        "`scripts/train_default_head.sh` (resumable; see the README section *Training a head*).",
+        "Trained on this machine with `eagle3-mlx train` (MLX). Reproduce with "
+        + ("`scripts/train_default_head.sh`" if not cfg.get("model") else
+           "the same `eagle3-mlx train` options (`results.json` > `config`)")
+        + " (resumable; see the README section *Training a head*).",
         "",
         "| | |",
         "|---|---|",
-        f"| target | default model (Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M -> MLX float32) |",
-        f"| aux layers (HF hidden_states index) | see config.json `aux_layer_ids` |",
+        "| target | " + (f"`{cfg['model']}`" if cfg.get("model") else
+                         "default model (Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M -> MLX float32)") + " |",
+        f"| aux layers (HF hidden_states index) | {head_cfg.get('aux_layer_ids', 'see config.json')} |",
         f"| data | {data.get('sequences')} ShareGPT first turns answered by the target "
         f"(greedy, <= {cfg.get('max_new_tokens')} new tokens): {data.get('generated_tokens')} "
         f"generated tokens; {cfg.get('heldout')} prompts held out"
