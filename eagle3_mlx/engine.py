@@ -75,11 +75,22 @@ def check_compatible(head: Eagle3Head, target: TargetModel):
 def match_head_dtype(head: Eagle3Head, target: TargetModel):
     """Cast an unquantized head to the target's compute dtype, in place: a
     float16 head shipped for size then runs float32 on a CPU (where float16
-    matmuls are slow) and float16/bfloat16 on a GPU, without a cast per step."""
-    if head.config.quantization:
-        return
+    matmuls are slow) and float16/bfloat16 on a GPU, without a cast per step.
+    On the CPU backend a quantized head is also dequantized when the target is
+    not quantized: MLX's CPU quantized matmuls are several times slower than
+    float32 ones, so there the bits only save disk space."""
     emb = target.embed_tokens
-    dt = emb.scales.dtype if hasattr(emb, "scales") else emb.weight.dtype
+    target_quantized = hasattr(emb, "scales")
+    if head.config.quantization:
+        from .platform import mlx_backend
+
+        if target_quantized or mlx_backend() != "cpu":
+            return
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(head)
+        head.config.quantization = None
+    dt = emb.scales.dtype if target_quantized else emb.weight.dtype
     if head.fc.weight.dtype != dt:
         from mlx.utils import tree_map
 

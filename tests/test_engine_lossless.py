@@ -157,3 +157,30 @@ def test_aux_features_are_hf_hidden_state_inputs(tiny):
     for layer in t.layers[1:5]:
         h1 = layer(h1, "causal", None)
     assert mx.allclose(feats[..., 2 * H :], h1, atol=1e-5)
+
+
+def test_quantized_head_runs_dequantized_on_cpu(tiny):
+    """On the CPU backend an 8-bit head for an unquantized target is dequantized
+    once (CPU quantized matmuls are slow): the same draft logits the quantized
+    head computes, float32 weights, and the output still equals plain greedy."""
+    import mlx.nn as nn
+
+    from eagle3_mlx.head import quantize_head
+
+    if mx.default_device().type != mx.DeviceType.cpu:
+        pytest.skip("dequantizing is a CPU-backend policy")
+    model, tok = tiny("qwen2")
+    head = quantize_head(make_random_head(model, seed=3, intermediate_size=64), bits=8,
+                         group_size=32)
+    emb = mx.random.normal((1, 3, head.config.hidden_size))
+    feats = mx.random.normal((1, 3, 3 * model.args.hidden_size))
+    before = head(emb, feats)[1]
+    eng = Engine(model, tok, head, top_k=2, depth=3, total_tokens=8)
+    assert head.config.quantization is None
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in head.named_modules())
+    assert head.fc.weight.dtype == mx.float32
+    np.testing.assert_allclose(np.array(head(emb, feats)[1]), np.array(before), atol=1e-4)
+    eng.tokenizer.eos_token_ids = set()
+    ids = tok.encode(PROMPTS[0])
+    got = [r.token for r in eng.stream_generate(ids, max_tokens=24)]
+    assert got == reference_greedy(model, ids, 24)

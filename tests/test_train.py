@@ -11,7 +11,7 @@ import pytest
 from eagle3_mlx.head import Eagle3Head, d2t_from_used, load_head, t2d_from_d2t
 from eagle3_mlx.target import TargetModel
 from eagle3_mlx.testing import make_random_head
-from eagle3_mlx.train.data import Sequence, iter_json_array
+from eagle3_mlx.train.data import Sequence, answer_text_counts, iter_json_array
 from eagle3_mlx.train.features import extract_sequence
 from eagle3_mlx.train.trainer import (TrainConfig, Trainer, collate, head_config_for, init_head,
                                       lm_head_rows)
@@ -106,6 +106,16 @@ def test_vocab_selection_and_roundtrip():
     assert len(v2.used) == 8 and list(v2.used) == sorted(set(v2.used))
     assert {3, 7, 9, 20, 41} <= set(v2.used.tolist())
     assert count_tokens([np.array([1, 1, 2])], 4).tolist() == [0, 2, 1, 0]
+    # With a corpus prior, the free slots go to the corpus's most frequent unseen
+    # tokens (a seen token's prior count must not claim a second slot), then ids.
+    prior = np.zeros(50, dtype=np.int64)
+    prior[[7, 30, 12, 44]] = [100, 50, 20, 1]
+    v3 = select_vocab(counts, 8, prior)
+    assert v3.used.tolist() == sorted([3, 7, 9, 20, 41, 30, 12, 44])
+    v4 = select_vocab(counts, 9, prior)
+    assert set(v4.used.tolist()) == {3, 7, 9, 20, 41, 30, 12, 44, 0}
+    assert v3.coverage == 1.0 and v3.counted == counts.sum()   # measured on own answers only
+    assert select_vocab(counts, 4, prior).used.tolist() == v.used.tolist()
 
 
 def _trainer(tgt, items, held, tmp_path, *, steps=6, Vd=128, seed=0, lr=2e-3, from_target=True, **kw):
@@ -289,6 +299,12 @@ def test_sharegpt_answers_teacher_forced(tiny_dir, tmp_path):
     assert len({p["text"] for p in prompts}) == len(prompts)  # no prompt twice
     model, tok = load(str(tiny_dir(FAMILY)))
     target = TargetModel(model)
+    # The vocabulary prior counted every ShareGPT answer except the held-out ones.
+    vinfo = json.loads((work / "vocab.json").read_text())
+    assert vinfo["prior_answers"] == 12 - 2
+    held = [p["text"] for p in prompts if p["split"] == "heldout"]
+    counts, n = answer_text_counts(tok, src, target.vocab_size, exclude=held)
+    assert n == 10 and counts.sum() == vinfo["prior_tokens"]
     store = FeatureStore(work / "data", work / "features")
     by_idx = {it["seq"].prompt_idx: it for it in store.items}
     n_checked = 0

@@ -26,7 +26,7 @@ FROZEN = (
     "epochs", "max_steps", "warmup", "batch_tokens", "max_batch_seqs", "seed", "init_from_target",
     "export_bits", "export_dtype", "sharegpt", "max_feature_gb", "eval_prompts", "eval_max_tokens",
     "eval_every", "ckpt_every", "dtype", "sharegpt_answers",
-    "answer_max_prompt_tokens",
+    "answer_max_prompt_tokens", "vocab_prior",
 )
 
 
@@ -58,6 +58,10 @@ def build_parser():
                    help="minutes of generation for this call, then stop (resumable)")
     g = p.add_argument_group("head")
     g.add_argument("--draft-vocab-size", type=int, default=8192)
+    g.add_argument("--vocab-prior", action=argparse.BooleanOptionalAction, default=True,
+                   help="fill the draft-vocabulary slots the generated answers leave free with the "
+                        "most frequent tokens of ShareGPT's answers (tokenized only; held-out and "
+                        "evaluation prompts excluded) instead of the lowest unused ids")
     g.add_argument("--intermediate-size", type=int, default=None, help="default: the target's")
     g.add_argument("--init-from-target", action="store_true",
                    help="start lm_head from the target's rows, the final norm from the target's and fc "
@@ -210,9 +214,20 @@ def stage_vocab(run: Run):
     seqs = [s for s in load_all(run.work / "data")
             if s.prompt_idx in keep and prompts[s.prompt_idx]["split"] == "train"
             and "answer" not in prompts[s.prompt_idx]]
-    vocab, counts = vocab_from_sequences(seqs, target.vocab_size, run.cfg["draft_vocab_size"])
+    prior = None
+    if run.cfg.get("vocab_prior", True):
+        from .data import answer_text_counts
+
+        tok = run.load()[1]
+        held_keys = [p["text"] for p in prompts if p["split"] == "heldout"]
+        prior, n_prior = answer_text_counts(tok, Path(run.cfg["sharegpt"]) if run.cfg.get("sharegpt") else None,
+                                            target.vocab_size, exclude=held_keys)
+    vocab, counts = vocab_from_sequences(seqs, target.vocab_size, run.cfg["draft_vocab_size"], prior)
     vocab.save(path)
     info = dict(vocab.summary(), coverage_by_size=coverage_table(counts))
+    if prior is not None:
+        info["prior_tokens"] = int(prior.sum())
+        info["prior_answers"] = n_prior
     held = [s.tokens[s.n_prompt:] for s in load_all(run.work / "data")
             if prompts[s.prompt_idx]["split"] == "heldout"]
     if held:

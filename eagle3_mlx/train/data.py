@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterable, Iterator, List, Optional
 
 import numpy as np
 
@@ -101,6 +101,22 @@ def load_sharegpt_first_exchanges(path: Optional[Path] = None) -> List[tuple]:
                     out.append((v, a))
                 break
     return out
+
+
+def answer_text_counts(tokenizer, path: Optional[Path], vocab_size: int, *,
+                       exclude: Iterable[str] = (), batch: int = 512) -> tuple:
+    """Token counts over the assistant replies of ShareGPT's first exchanges
+    (tokenizer only, no model), skipping the exchanges whose prompt is in
+    ``exclude`` or is an evaluation prompt. Returns (counts [V], answers used)."""
+    banned = {prompt_key(t) for t in exclude} | _eval_prompt_texts()
+    answers = [a for q, a in load_sharegpt_first_exchanges(path) if prompt_key(q) not in banned]
+    encode = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds the HF tokenizer
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for k in range(0, len(answers), batch):
+        for ids in encode(answers[k:k + batch], add_special_tokens=False)["input_ids"]:
+            ids = np.asarray(ids, dtype=np.int64)
+            counts += np.bincount(ids[ids < vocab_size], minlength=vocab_size)
+    return counts, len(answers)
 
 
 def prompt_key(text: str) -> str:
