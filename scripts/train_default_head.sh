@@ -25,7 +25,7 @@ exec "$PY" -m eagle3_mlx.train.cli "$STAGE" --work-dir "$WORK" \
   --num-prompts 275 --heldout 40 --max-new-tokens 192 --max-prompt-tokens 320 \
   --gen-batch 32 --temp 0 --sharegpt-answers 1300 --answer-max-prompt-tokens 160 \
   --draft-vocab-size 16384 --intermediate-size 1792 \
-  --ttt-steps 3 --lr 1e-3 --epochs 3 --warmup 10 --batch-tokens 2048 \
+  --ttt-steps 3 --lr 1e-3 --epochs 2.5 --warmup 10 --batch-tokens 2048 \
   --eval-every 50 --ckpt-every 10 --eval-prompts 6 --eval-max-tokens 96 \
-  --export-dtype float16 --out eagle3_mlx/assets/heads/qwen2.5-coder-0.5b-instruct \
+  --export-dtype float16 --export-bits 8 --out eagle3_mlx/assets/heads/qwen2.5-coder-0.5b-instruct \
   "$@"

@@ -261,6 +261,12 @@ def test_pipeline_smoke(tiny_dir, tmp_path):
     assert f"| head | hidden {head.config.hidden_size}, intermediate 64," in card
     assert f"| target | `{tiny_dir(FAMILY)}` |" in card
     assert f"| aux layers (HF hidden_states index) | {list(head.config.aux_layer_ids)} |" in card
+    # 7 complete conversations (the tail is cut), 2 held out: 5 answers feed the vocab prior.
+    assert res["vocab"]["prior_answers"] == 5
+    assert "the free slots filled with the most frequent tokens of 5 ShareGPT answers" in card
+    from eagle3_mlx.platform import mlx_backend
+
+    assert f"MLX {mlx_backend()} backend" in card
     eng = Engine(model, tok, head)
     msgs = [{"role": "user", "content": "the lazy dog"}]
     spec = eng.generate(msgs, max_tokens=12)

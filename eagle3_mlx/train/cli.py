@@ -398,8 +398,12 @@ def write_summary(run: Run):
 
     s = dict(run.stats)
     s["config"] = run.cfg
+    from ..calibrate import openblas_loaded
+    from ..platform import mlx_backend
+
     s["hardware"] = dict(machine=platform.machine(), system=platform.system(),
-                         processor=platform.processor(), cpus=__import__("os").cpu_count())
+                         processor=platform.processor(), cpus=__import__("os").cpu_count(),
+                         backend=mlx_backend(), openblas=openblas_loaded())
     (run.work / "results.json").write_text(json.dumps(s, indent=2))
 
 
@@ -437,7 +441,11 @@ def write_model_card(run: Run, out: Path):
            if cfg.get("sharegpt_answers") else "") + " |",
         f"| train split used | {fit.get('train_sequences')} sequences, {fit.get('train_tokens')} tokens |",
         f"| draft vocab | {vocab.get('draft_vocab_size')} tokens ({vocab.get('distinct_tokens')} distinct "
-        f"tokens seen); coverage {vocab.get('coverage')} of the training assistant tokens, "
+        f"tokens seen)"
+        + (f", the free slots filled with the most frequent tokens of {vocab['prior_answers']} "
+           f"ShareGPT answers ({vocab.get('prior_tokens')} tokens, tokenized only)"
+           if vocab.get("prior_answers") else "")
+        + f"; coverage {vocab.get('coverage')} of the training assistant tokens, "
         f"{vocab.get('heldout_coverage')} of the held-out ones |",
         f"| head | hidden {head_cfg.get('hidden_size')}, intermediate "
         f"{head_cfg.get('intermediate_size', cfg.get('intermediate_size'))}, 1 layer, "
@@ -450,7 +458,8 @@ def write_model_card(run: Run, out: Path):
         f"| time | data {data.get('elapsed_s_total', wall.get('data'))} s, features "
         f"{wall.get('features')} s, training {fit.get('train_time_s')} s (stage wall-clock as run) |",
         f"| hardware | {hw.get('cpus')} CPU cores, {hw.get('system')} {hw.get('machine')}, "
-        f"MLX CPU backend with OpenBLAS |",
+        + (f"MLX {hw['backend']} backend" + (" with OpenBLAS" if hw.get("openblas") else "")
+           if "backend" in hw else "MLX CPU backend with OpenBLAS") + " |",
         f"| held-out top-1 agreement per TTT step | {acc} |",
     ]
     for name, r in ev.items():
