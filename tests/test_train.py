@@ -244,6 +244,7 @@ def test_pipeline_smoke(tiny_dir, tmp_path):
             "--draft-vocab-size", "64", "--intermediate-size", "64", "--ttt-steps", "3",
             "--max-steps", "4", "--batch-tokens", "64", "--eval-every", "2", "--ckpt-every", "2",
             "--eval-prompts", "2", "--eval-max-tokens", "8", "--no-progress", "--export-bits", "8",
+            "--vocab-prior",
             "--out", str(tmp_path / "shipped")]
     assert cli.main(argv) == 0
     res = json.loads((work / "results.json").read_text())
@@ -296,7 +297,7 @@ def test_sharegpt_answers_teacher_forced(tiny_dir, tmp_path):
     work = tmp_path / "run"
     base = ["--work-dir", str(work), "--model", str(tiny_dir(FAMILY)), "--sharegpt", str(src),
             "--num-prompts", "3", "--heldout", "2", "--max-new-tokens", "9", "--gen-batch", "4",
-            "--sharegpt-answers", "5", "--draft-vocab-size", "64", "--no-progress"]
+            "--sharegpt-answers", "5", "--draft-vocab-size", "64", "--vocab-prior", "--no-progress"]
     for stage in ("data", "vocab", "features"):
         assert cli.main([stage] + base) == 0
     prompts = load_prompts(work / "data")

@@ -3,12 +3,12 @@
 Count target-token frequencies over the loss-masked (assistant) positions,
 keep the ``draft_vocab_size`` most frequent ids, sort them ascending (``used``),
 then ``d2t[i] = used[i] - i`` (offsets) and ``t2d[v] = v in used``.
-If fewer distinct tokens were seen, the free slots go to the most frequent
-tokens of a larger text corpus (``prior``: ShareGPT's answers, tokenized only),
-then to the lowest unused ids (as SpecForge pads), so the table always has
-exactly ``draft_vocab_size`` entries. A few hundred self-distilled answers see
-only ~5k distinct tokens; filling the rest from the corpus instead of by id
-raised held-out coverage from 87% to 95% at 16k entries.
+If fewer distinct tokens were seen, the free slots go to the lowest unused
+ids (as SpecForge pads), or first to the most frequent tokens of a larger
+text corpus when a ``prior`` is given (ShareGPT's answers, tokenized only),
+so the table always has exactly ``draft_vocab_size`` entries. On the default
+model the prior raised held-out coverage from 87% to 91% (8k entries) but not
+acceptance: the head does not learn the rare tokens from this little data.
 """
 
 from __future__ import annotations
