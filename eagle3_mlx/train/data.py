@@ -110,13 +110,12 @@ def answer_text_counts(tokenizer, path: Optional[Path], vocab_size: int, *,
     ``exclude`` or is an evaluation prompt. Returns (counts [V], answers used)."""
     banned = {prompt_key(t) for t in exclude} | _eval_prompt_texts()
     answers = [a for q, a in load_sharegpt_first_exchanges(path) if prompt_key(q) not in banned]
+    from .vocab import count_tokens
+
     encode = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds the HF tokenizer
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for k in range(0, len(answers), batch):
-        for ids in encode(answers[k:k + batch], add_special_tokens=False)["input_ids"]:
-            ids = np.asarray(ids, dtype=np.int64)
-            counts += np.bincount(ids[ids < vocab_size], minlength=vocab_size)
-    return counts, len(answers)
+    ids = (i for k in range(0, len(answers), batch)
+           for i in encode(answers[k:k + batch], add_special_tokens=False)["input_ids"])
+    return count_tokens(ids, vocab_size), len(answers)
 
 
 def prompt_key(text: str) -> str:
