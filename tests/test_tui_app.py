@@ -252,6 +252,18 @@ async def test_scroll_pinned_to_bottom_unless_user_scrolls_up():
         assert conv.scroll_y >= conv.max_scroll_y - 1
 
 
+async def test_stats_refresh_after_shutdown_is_harmless():
+    # Quitting while an answer streams: the stats timer can fire once more
+    # after the widgets are gone (seen as a flaky NoMatches in CI).
+    app, engine = fake_app(FakeEngine("word " * 400, step_delay=0.02))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready)
+        await pilot.press(*"go", "enter")
+        await wait_for(pilot, lambda: app.chunks_received > 2, what="streaming")
+    app._stats_dirty = True
+    app._refresh_if_dirty()
+
+
 def test_readme_chat_section_lists_every_key():
     from pathlib import Path
 

@@ -11,6 +11,7 @@ from textual.actions import SkipAction
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
@@ -251,8 +252,12 @@ class ChatApp(App):
         self._stats_dirty = True
 
     def _refresh_if_dirty(self) -> None:
-        if self._stats_dirty:
+        if not self._stats_dirty:
+            return
+        try:
             self._refresh_stats()
+        except NoMatches:
+            pass  # the timer fired once more while the app shut down and the panel was gone
 
     async def on_answer_done(self, msg: AnswerDone) -> None:
         turn = self.turn
