@@ -50,11 +50,11 @@ def main(argv=None):
     new_tok = new_fwd = old_tok = old_fwd = 0
     print(f"{'id':>4} {'category':<11} {'tau':>5} {'base':>5} tokens")
     for p in load_prompts("mtbench", limit=args.prompts):
+        old = base.get(p.id)
+        if old is None:  # before generating, so a wrong baseline costs nothing
+            sys.exit(f"--baseline {args.baseline}: no row for prompt {p.id}")
         ids = encode_messages(eng, [{"role": "user", "content": p.turns[0]}])
         r = run_spec(eng, ids, args.max_tokens)
-        old = base.get(p.id)
-        if old is None:
-            sys.exit(f"--baseline {args.baseline}: no row for prompt {p.id}")
         new_tok += len(r.tokens)
         new_fwd += r.steps
         old_tok += old["tokens"]
