@@ -5,6 +5,7 @@ All on tiny random targets (offline, a few seconds each)."""
 import json
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -15,7 +16,8 @@ from eagle3_mlx.train.data import Sequence, answer_text_counts, iter_json_array
 from eagle3_mlx.train.features import extract_sequence
 from eagle3_mlx.train.trainer import (TrainConfig, Trainer, collate, head_config_for, init_head,
                                       lm_head_rows)
-from eagle3_mlx.train.ttt import ttt_forward, ttt_forward_reference, ttt_loss
+from eagle3_mlx.train import ttt
+from eagle3_mlx.train.ttt import soft_cross_entropy, ttt_forward, ttt_forward_reference, ttt_loss
 from eagle3_mlx.train.vocab import count_tokens, select_vocab, used_from_d2t
 
 FAMILY = "qwen2"
@@ -138,6 +140,39 @@ def test_loss_decreases_on_learnable_task(tgt, tmp_path):
     assert after["heldout_loss"] < 0.6 * before["heldout_loss"]
     assert after["heldout_acc"][0] > before["heldout_acc"][0] + 0.2
     assert after["heldout_acc"][2] > before["heldout_acc"][2]
+
+
+def test_soft_cross_entropy_matches_autograd_of_definition():
+    """The hand-written vjp (one exp pass) against autograd of
+    -Σ p · log_softmax(z), for teachers that sum to 1 and one that does not."""
+    rng = np.random.default_rng(0)
+    z = mx.array(rng.normal(size=(2, 5, 33)).astype(np.float32) * 4)
+    p = mx.softmax(mx.array(rng.normal(size=(2, 5, 33)).astype(np.float32) * 3), axis=-1)
+    w = mx.array(rng.uniform(size=(2, 5)).astype(np.float32))
+    for teacher in (p, p * 0.7):
+        fused = lambda x: mx.sum(soft_cross_entropy(x, teacher)[0] * w)
+        plain = lambda x: mx.sum(-mx.sum(teacher * nn.log_softmax(x, axis=-1), axis=-1) * w)
+        (v1, g1), (v2, g2) = mx.value_and_grad(fused)(z), mx.value_and_grad(plain)(z)
+        assert abs(v1.item() - v2.item()) < 1e-4 * abs(v2.item())
+        np.testing.assert_allclose(np.array(g1), np.array(g2), atol=1e-5)
+
+
+def test_softmax_parts_and_vjp_match_mlx():
+    """Both softmax paths (numpy on the CPU backend, MLX elsewhere) and the
+    custom softmax's gradient against mx.softmax, masked -1e9 columns included."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 4, 17)).astype(np.float32) * 5
+    x[..., 5:9] = -1e9
+    x = mx.array(x)
+    ref = mx.softmax(x, axis=-1, precise=True)
+    for parts in (ttt._softmax_parts_numpy, ttt._softmax_parts_mlx):
+        m, p, s = parts(x)
+        np.testing.assert_allclose(np.array(p), np.array(ref), atol=1e-6)
+        np.testing.assert_allclose(np.array(m + mx.log(s)), np.array(mx.logsumexp(x, axis=-1, keepdims=True)), rtol=1e-6)
+    w = mx.array(rng.normal(size=(3, 4, 17)).astype(np.float32))
+    g1 = mx.grad(lambda a: mx.sum(ttt.softmax(a) * w))(x)
+    g2 = mx.grad(lambda a: mx.sum(mx.softmax(a, axis=-1, precise=True) * w))(x)
+    np.testing.assert_allclose(np.array(g1), np.array(g2), atol=1e-6)
 
 
 def test_collate_alignment(tgt):

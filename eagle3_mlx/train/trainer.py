@@ -25,7 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..head import Eagle3Head, HeadConfig
-from .ttt import ttt_loss
+from .ttt import softmax, ttt_loss
 
 
 @dataclass
@@ -228,12 +228,12 @@ class Trainer:
         dt = getattr(mx, self.cfg.dtype)
         embed = lambda t: mx.stop_gradient(self.target.embed(mx.array(t))).astype(dt)
         tl = mx.array(c["hid_rows"]) @ self.w_used.T
-        tlogp = mx.stop_gradient(nn.log_softmax(tl.astype(mx.float32), axis=-1))
-        return (mx.array(c["feats"]).astype(dt), embed(c["tokens"]), tlogp, mx.array(c["valid"]),
+        tprob = mx.stop_gradient(softmax(tl.astype(mx.float32)))
+        return (mx.array(c["feats"]).astype(dt), embed(c["tokens"]), tprob, mx.array(c["valid"]),
                 mx.array(c["rows"]), embed(c["tokens_rows"]))
 
-    def _loss(self, feats, emb, tlogp, valid, rows, emb_rows):
-        return ttt_loss(self.head, feats, emb, tlogp, valid, self.cfg.steps_ttt, self.cfg.decay,
+    def _loss(self, feats, emb, tprob, valid, rows, emb_rows):
+        return ttt_loss(self.head, feats, emb, tprob, valid, self.cfg.steps_ttt, self.cfg.decay,
                         rows=rows, emb_rows=emb_rows)
 
     # -- one step ---------------------------------------------------------------

@@ -18,7 +18,7 @@ Batch arrays (``T`` indices, ``S`` steps, ``E = T + S``):
 
 * ``feats``  [B, T, 3*Ht]  target features f_t
 * ``emb``    [B, E, H]     embeddings of x_{i+1} at row i (frozen target table)
-* ``tlogp``  [B, E, Vd]    teacher log-probs at position i+1 (row i)
+* ``tprob``  [B, E, Vd]    teacher probabilities at position i+1 (row i)
 * ``valid``  [B, E]        loss mask at row i: x_{i+1} is an assistant token and
   the target's top-1 at position i+1 is inside the draft vocabulary
 """
@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import List
 
 import mlx.core as mx
-import mlx.nn as nn
+import numpy as np
 
 
 def _layer(head):
@@ -46,6 +46,44 @@ def _project(attn, a, s):
     return attn.rope(q, offset=s), attn.rope(k, offset=s), v
 
 
+def _softmax_parts_mlx(x):
+    """(max, softmax, sum of exp(x - max)) over the last axis."""
+    m = mx.max(x, axis=-1, keepdims=True)
+    e = mx.exp(x - m)
+    s = mx.sum(e, axis=-1, keepdims=True)
+    return m, e / s, s
+
+
+def _softmax_parts_numpy(x):
+    """The same through numpy (float32 only); evaluates ``x``."""
+    a = np.asarray(x)
+    m = a.max(axis=-1, keepdims=True)
+    e = np.exp(a - m)
+    s = e.sum(axis=-1, keepdims=True)
+    e /= s
+    return mx.array(m), mx.array(e), mx.array(s)
+
+
+def _softmax_parts(x):
+    # On MLX's CPU backend exp runs scalar (176 ms for 1552 x 8192 float32 on
+    # the 2-core x86 box, numpy 7-12 ms), so the trainer's softmaxes over the
+    # draft vocabulary cost as much as the lm_head matmul; numpy does them there.
+    if mx.default_device() == mx.cpu:
+        return _softmax_parts_numpy(x)
+    return _softmax_parts_mlx(x)
+
+
+@mx.custom_function
+def softmax(x):
+    """Softmax over the last axis (float32), fast on the CPU backend."""
+    return _softmax_parts(x)[1]
+
+
+@softmax.vjp
+def _softmax_vjp(primals, cotangent, output):
+    return output * (cotangent - mx.sum(cotangent * output, axis=-1, keepdims=True))
+
+
 def ttt_attention(attn, q, k0, v0, extra_k: List, extra_v: List, causal_bias):
     """One softmax over [causal step-0 keys | own keys of steps 1..s at index t].
 
@@ -61,7 +99,7 @@ def ttt_attention(attn, q, k0, v0, extra_k: List, extra_v: List, causal_bias):
     for kj in extra_k:
         cols.append(mx.sum(qg * kj[:, :, None], axis=-1, keepdims=True))  # [B,nkv,g,T,1]
     scores = mx.concatenate(cols, axis=-1) if len(cols) > 1 else s0
-    p = mx.softmax(scores.astype(mx.float32), axis=-1, precise=True).astype(q.dtype)
+    p = softmax(scores.astype(mx.float32)).astype(q.dtype)
     Tk = k0.shape[2]
     o = p[..., :Tk] @ v0[:, :, None]                                # [B, nkv, g, T, hd]
     for j, vj in enumerate(extra_v):
@@ -161,13 +199,35 @@ def ttt_forward_reference(head, feats, emb, steps: int):
     return out
 
 
-def ttt_loss(head, feats, emb, tlogp, valid, steps: int = 7, decay: float = 0.8,
+@mx.custom_function
+def soft_cross_entropy(logits, tprob):
+    """Per-row ``-Σ_v tprob_v · log_softmax(logits)_v`` over the last axis.
+
+    Returns (ce, q) where q = softmax(logits) is kept for the backward pass
+    only (it carries no gradient): autograd through log_softmax would run exp
+    again in the backward pass, and exp dominates the loss on a CPU."""
+    m, q, s = _softmax_parts(logits)
+    lse = (m + mx.log(s)).squeeze(-1)
+    ce = mx.sum(tprob, axis=-1) * lse - mx.sum(tprob * logits, axis=-1)
+    return ce, q
+
+
+@soft_cross_entropy.vjp
+def _soft_cross_entropy_vjp(primals, cotangents, outputs):
+    _, tprob = primals
+    g = cotangents[0][..., None]
+    q = outputs[1]
+    # d ce / d logits = (Σ tprob) · q - tprob; the teacher is a constant.
+    return (mx.sum(tprob, axis=-1, keepdims=True) * q - tprob) * g, mx.zeros_like(tprob)
+
+
+def ttt_loss(head, feats, emb, tprob, valid, steps: int = 7, decay: float = 0.8,
              rows=None, emb_rows=None, norm_T=None):
     """Σ_s decay^s · soft-CE(teacher, draft) over valid positions, each step
     normalised by B·T. Returns (loss, per-step losses [S], per-step correct [S],
     per-step counts [S]).
 
-    Without ``rows``: ``tlogp`` [B, T+S-1.., Vd] and ``valid`` are indexed like
+    Without ``rows``: ``tprob`` [B, T+S-1.., Vd] and ``valid`` are indexed like
     ``emb`` (column i <-> position i+1). With ``rows`` [B, R]: they are indexed
     like ``emb_rows`` (column j <-> index rows[:, 0] + j), and ``norm_T`` gives
     the T of the B·T normaliser (default: the number of feature rows)."""
@@ -178,13 +238,13 @@ def ttt_loss(head, feats, emb, tlogp, valid, steps: int = 7, decay: float = 0.8,
     total = mx.array(0.0, dtype=mx.float32)
     for s, (_, logits) in enumerate(ttt_forward(head, feats, emb, steps, rows, emb_rows)):
         R = logits.shape[1]
-        logq = nn.log_softmax(logits.astype(mx.float32), axis=-1)
-        tl = tlogp[:, s : s + R]
+        logits = logits.astype(mx.float32)
+        tp = tprob[:, s : s + R]
         m = valid[:, s : s + R].astype(mx.float32)
-        ce = -mx.sum(mx.exp(tl) * logq, axis=-1)
+        ce, _ = soft_cross_entropy(logits, tp)
         L = mx.sum(ce * m) / (B * T)
         total = total + (decay ** s) * L
-        hit = (mx.argmax(logq, axis=-1) == mx.argmax(tl, axis=-1)).astype(mx.float32)
+        hit = (mx.argmax(logits, axis=-1) == mx.argmax(tp, axis=-1)).astype(mx.float32)
         losses.append(L)
         correct.append(mx.sum(hit * m))
         counts.append(mx.sum(m))
