@@ -2,7 +2,7 @@
 """Quick acceptance check of a candidate head against a stored bench run.
 
 Runs only the speculative side (no plain decoding) of the first N MT-bench
-first turns (bench's round-robin order) with a fixed tree and compares τ
+first turns (bench's round-robin order) with the baseline's tree (or ``--tree``) and compares τ
 (tokens / target forwards, bench's definition) per prompt with the rows of a
 ``eagle3-mlx bench --json`` file made with the shipped head. About half the
 time of a bench over the same prompts; a screen for new heads, not a
@@ -20,14 +20,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BASELINE = ROOT / "benchmarks" / "bench-linux-cpu-qwen2.5-coder-0.5b-shipped-head-v3.json"
+BASELINE = ROOT / "benchmarks" / "bench-linux-cpu-qwen2.5-coder-0.5b-shipped-head-v7.json"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("head", help="MLX head directory to measure")
     ap.add_argument("--prompts", type=int, default=8, help="first N MT-bench first turns")
-    ap.add_argument("--tree", default="3,1,6", help="TOP_K,DEPTH,TOTAL (default: v3's calibrated tree)")
+    ap.add_argument("--tree", default=None,
+                    help="TOP_K,DEPTH,TOTAL (default: the tree the baseline run used)")
     ap.add_argument("--baseline", type=Path, default=BASELINE, help="bench --json file to compare with")
     ap.add_argument("--max-tokens", type=int, default=256)
     args = ap.parse_args(argv)
@@ -38,13 +39,17 @@ def main(argv=None):
     from eagle3_mlx.prompts import load_prompts
 
     try:
+        bench = json.loads(args.baseline.read_text())
+        base = {r["id"]: r for r in bench["prompts"] if r.get("turn", 1) == 1}
+        if args.tree is None:
+            t = bench["config"]["tree"]
+            args.tree = f"{t['top_k']},{t['depth']},{t['total_tokens']}"
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"--baseline {args.baseline}: cannot read bench rows ({e})")
+    try:
         top_k, depth, total = (int(x) for x in args.tree.split(","))
     except ValueError:
         sys.exit(f"--tree: expected TOP_K,DEPTH,TOTAL, got {args.tree!r}")
-    try:
-        base = {r["id"]: r for r in json.loads(args.baseline.read_text())["prompts"] if r.get("turn", 1) == 1}
-    except (OSError, ValueError, KeyError) as e:
-        sys.exit(f"--baseline {args.baseline}: cannot read bench rows ({e})")
     eng = api.load(str(default_model_dir(dtype="float32")), args.head, model_dtype="float32",
                    top_k=top_k, depth=depth, total_tokens=total)
     new_tok = new_fwd = old_tok = old_fwd = 0
