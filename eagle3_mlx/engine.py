@@ -20,6 +20,8 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .head import Eagle3Head, HeadError
+from .hybrid import EAGLE, NGRAM, NgramAcceptance, check_source, merge_tree
+from .ngram import ContextMatcher
 from .target import TargetModel, compact_cache, trim_cache
 from .tree import TreeSpec, draft_tree
 from .verify import SamplingParams, choose, greedy_verify, sample_verify
@@ -53,6 +55,8 @@ class GenerationResponse:
     peak_memory: float
     finish_reason: Optional[str] = None
     speculative: bool = True
+    source: str = ""              # drafted token: "eagle", "ngram" or "both"; "" for the bonus
+    source_tokens: Optional[dict] = None  # accepted drafted tokens so far, per source
 
 
 def check_compatible(head: Eagle3Head, target: TargetModel):
@@ -98,18 +102,40 @@ def match_head_dtype(head: Eagle3Head, target: TargetModel):
                              head.parameters()))
 
 
+_SOURCE_NAMES = {EAGLE: "eagle", NGRAM: "ngram", EAGLE | NGRAM: "both"}
+
+
 class Engine:
-    def __init__(self, model, tokenizer, head: Eagle3Head, *, top_k: int = 4, depth: int = 4,
-                 total_tokens: int = 16, aux_layer_ids=None, kv_bits: Optional[int] = None,
-                 kv_group_size: int = 64, max_context: Optional[int] = None,
-                 prefill_step_size: int = 512):
+    """``head`` may be None: the engine then drafts from context n-grams only.
+
+    ``draft_source``: "eagle" (head only), "ngram" (context n-grams only) or
+    "hybrid" (both in one tree; the default with a head). ``ngram_tokens``:
+    longest n-gram continuation drafted; ``ngram_min_score``: an n-gram node
+    joins the tree only when its estimated path acceptance is at least this
+    (each node widens the verify; on a CPU that costs a few % of a step)."""
+
+    def __init__(self, model, tokenizer, head: Optional[Eagle3Head] = None, *, top_k: int = 4,
+                 depth: int = 4, total_tokens: int = 16, aux_layer_ids=None,
+                 kv_bits: Optional[int] = None, kv_group_size: int = 64,
+                 max_context: Optional[int] = None, prefill_step_size: int = 512,
+                 draft_source: Optional[str] = None, ngram_tokens: int = 12,
+                 ngram_candidates: int = 3, ngram_min_score: float = 0.1):
         self.model = model
         self.tokenizer = tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
         self.head = head
-        aux = aux_layer_ids or head.config.aux_layer_ids
+        aux = aux_layer_ids or (head.config.aux_layer_ids if head is not None else None)
         self.target = TargetModel(model, aux)
-        check_compatible(head, self.target)
-        match_head_dtype(head, self.target)
+        if head is not None:
+            check_compatible(head, self.target)
+            match_head_dtype(head, self.target)
+        self.draft_source = check_source(draft_source or ("hybrid" if head is not None else "ngram"),
+                                         head is not None)
+        if not isinstance(ngram_tokens, int) or ngram_tokens < 1:
+            raise ValueError(f"ngram_tokens must be a positive integer, got {ngram_tokens!r}")
+        self.ngram_tokens, self.ngram_candidates = ngram_tokens, ngram_candidates
+        self.ngram_min_score = ngram_min_score
+        self.ngram_acceptance = NgramAcceptance()
+        self.matcher = ContextMatcher()
         self.spec = self._check_tree(TreeSpec(top_k, depth, total_tokens))
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         if kv_bits:
@@ -143,7 +169,7 @@ class Engine:
         ))
 
     def _check_tree(self, spec: TreeSpec) -> TreeSpec:
-        vd = self.head.config.draft_vocab_size
+        vd = self.head.config.draft_vocab_size if self.head is not None else spec.top_k
         if spec.top_k > vd:
             raise ValueError(f"tree top_k {spec.top_k} exceeds the head's draft vocabulary size {vd}")
         return spec
@@ -174,7 +200,7 @@ class Engine:
         positions, plus the index of the first of those positions."""
         if self._tcache is None:
             self._tcache = self.target.make_cache()
-            self._dcache = self.head.make_cache()
+            self._dcache = self.head.make_cache() if self.head is not None else None
             self._tokens, self._draft_len = [], 0
         common = 0
         for a, b in zip(self._tokens, ids):
@@ -183,9 +209,11 @@ class Engine:
             common += 1
         # Keep one position back: its features are needed to re-extend the draft,
         # and the draft row at p also depends on token p+1.
-        c = max(0, min(common - 1, len(ids) - 1, self._draft_len))
+        c = max(0, min(common - 1, len(ids) - 1,
+                       self._draft_len if self.head is not None else common))
         trim_cache(self._tcache, c)
-        trim_cache(self._dcache, c)
+        if self._dcache is not None:
+            trim_cache(self._dcache, c)
         rest = mx.array(ids[c:], dtype=mx.int32)[None]
         n = rest.shape[1]
         feats = []
@@ -217,7 +245,9 @@ class Engine:
                         top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                         stop: Optional[Sequence[str]] = None, speculative: bool = True,
                         cancel=None, repetition_penalty: Optional[float] = None,
-                        seed: Optional[int] = None) -> Iterator[GenerationResponse]:
+                        seed: Optional[int] = None,
+                        draft_source: Optional[str] = None) -> Iterator[GenerationResponse]:
+        source = check_source(draft_source or self.draft_source, self.head is not None)
         if repetition_penalty not in (None, 1.0) and speculative:
             raise ValueError(
                 "repetition_penalty is not supported with speculative decoding (it would "
@@ -247,9 +277,32 @@ class Engine:
         from mlx_lm.generate import wired_limit
 
         with wired_limit(self.model):
-            yield from self._generate(ids, max_tokens, params, stop or (), speculative, cancel, penalty)
+            yield from self._generate(ids, max_tokens, params, stop or (), speculative, cancel,
+                                      penalty, source)
 
-    def _generate(self, ids, max_tokens, params, stops, speculative, cancel, penalty):
+    def _draft(self, source, ext_ids, feats, root, root_h):
+        """The step's tree from the chosen source(s), plus what merging recorded."""
+        eagle = None
+        if source != "ngram":
+            eagle = draft_tree(self.head, self._head_embed, self._dcache, ext_ids, feats, root,
+                               self.spec)
+            if source == "eagle":
+                mx.eval(eagle.tokens, eagle.ancestors)
+                return eagle, None
+        cands = self.matcher.propose(self.ngram_tokens, self.ngram_candidates)
+        if eagle is not None:
+            mx.eval(eagle.tokens, eagle.parents, eagle.scores)
+        merged = merge_tree(root_h, cands, self.ngram_acceptance, self.max_tree_nodes(source),
+                            self.ngram_min_score, eagle)
+        return merged.tree, merged
+
+    def max_tree_nodes(self, source: str) -> int:
+        """Largest tree a step can verify: the head's tree, widened to hold one
+        full n-gram continuation when n-grams draft too."""
+        head_nodes = self.spec.num_nodes if source != "ngram" else 1
+        return head_nodes if source == "eagle" else max(head_nodes, 1 + self.ngram_tokens)
+
+    def _generate(self, ids, max_tokens, params, stops, speculative, cancel, penalty, source):
         tok = self.tokenizer
         eos = tok.eos_token_ids
         detok = tok.detokenizer
@@ -274,13 +327,18 @@ class Engine:
         text, emitted = "", 0
         n_gen, steps = 0, 1                     # the prefill forward produced the root
         gen_tic = time.perf_counter()
-        pending = [(int(root.item()), False)]
+        pending = [(int(root.item()), "")]
         draft_ms = verify_ms = 0.0
+        uses_head = speculative and source != "ngram"
+        uses_ngram = speculative and source != "eagle"
+        if uses_ngram:
+            self.matcher.sync(ids)
+        source_tokens = {"eagle": 0, "ngram": 0, "both": 0}
 
         while True:
             # ---- emit the tokens committed by the last step ----
             step_tokens = len(pending)
-            for j, (t, from_draft) in enumerate(pending):
+            for j, (t, src) in enumerate(pending):
                 finish = None
                 if t in eos:
                     finish = "stop"
@@ -300,22 +358,26 @@ class Engine:
                     finish = "stop"
                 emitted += len(out)
                 el = time.perf_counter() - gen_tic
+                if src:
+                    source_tokens[src] += 1
                 yield GenerationResponse(
-                    text=out, token=t, from_draft=from_draft, step_index=steps - 1,
+                    text=out, token=t, from_draft=bool(src), step_index=steps - 1,
                     new_step=j == 0, step_tokens=step_tokens, draft_ms=draft_ms,
                     verify_ms=verify_ms, tokens_per_step=n_gen / steps, steps=steps,
                     prompt_tokens=len(ids), prompt_tps=prompt_tps, prompt_ms=prompt_ms,
                     generation_tokens=n_gen, generation_tps=n_gen / max(el, 1e-9),
                     peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
-                    speculative=speculative,
+                    speculative=speculative, source=src, source_tokens=dict(source_tokens),
                 )
                 if finish is not None:
                     self._finish(history, cur_len)
                     return
                 history.append(t)
+                if uses_ngram:
+                    self.matcher.extend((t,))
 
             # ---- one step: draft, verify, commit ----
-            T = spec.num_nodes if speculative else 1
+            T = self.max_tree_nodes(source) if speculative else 1
             if self.max_context and cur_len + T > self.max_context:
                 detok.finalize()
                 text += detok.last_segment
@@ -326,12 +388,11 @@ class Engine:
             steps += 1
             t0 = time.perf_counter()
             if speculative:
-                if self._draft_len + ext_ids.shape[1] != cur_len:
+                if uses_head and self._draft_len + ext_ids.shape[1] != cur_len:
                     raise RuntimeError("draft cache out of sync with the target")
-                tree = draft_tree(self.head, self._head_embed, self._dcache, ext_ids, feats,
-                                  root, spec)
-                self._draft_len = cur_len
-                mx.eval(tree.tokens, tree.ancestors)
+                tree, merged = self._draft(source, ext_ids, feats, root, history[-1])
+                if uses_head:
+                    self._draft_len = cur_len
                 t1 = time.perf_counter()
                 positions = (cur_len + tree.depths).astype(mx.int32)
                 logits, fts = self.target.forward(
@@ -353,6 +414,12 @@ class Engine:
                     bonus = bonus.reshape(1)
                 compact_cache(self._tcache, cur_len, path)
                 accepted = [tokens_h[i] for i in path[1:]]
+                if merged is not None:
+                    srcs = [_SOURCE_NAMES[merged.sources[i]] for i in path[1:]]
+                    for n, proposed in merged.proposals:
+                        self.ngram_acceptance.update(n, proposed, accepted + [bonus_h])
+                else:
+                    srcs = ["eagle"] * len(accepted)
                 feats = fts[:, mx.array(path, dtype=mx.int32)]
                 t2 = time.perf_counter()
             else:
@@ -370,7 +437,7 @@ class Engine:
             cur_len += len(path)
             ext_ids = mx.array(accepted + [bonus_h], dtype=mx.int32)[None]
             root = bonus
-            pending = [(t, True) for t in accepted] + [(bonus_h, False)]
+            pending = list(zip(accepted, srcs if speculative else [])) + [(bonus_h, "")]
             step_tokens = len(pending)
 
     def _finish(self, history, cur_len):

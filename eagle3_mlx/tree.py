@@ -12,6 +12,7 @@ Shapes are fixed by (top_k, depth, total_tokens), so no host sync happens here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import mlx.core as mx
 
@@ -60,6 +61,7 @@ class DraftTree:
     depths: mx.array      # [T] int32, root = 0
     size: int
     is_chain: bool
+    scores: Optional[mx.array] = None  # [T] cumulative draft log-prob (root 0), when drafted
 
 
 def draft_tree(head, embed, dcache, ids, features, root_token, spec: TreeSpec):
@@ -149,7 +151,8 @@ def _select(scores, tokens, parent, depth, root_token, spec: TreeSpec, levels: i
     ancestors = _ancestor_matrix(parents, T, levels + 1)
     node_tokens = mx.concatenate([root_token.astype(mx.int32), tokens[kept].astype(mx.int32)])
     depths = (ancestors.sum(axis=1) - 1).astype(mx.int32)
-    return DraftTree(node_tokens, parents, ancestors, depths, T, spec.is_chain)
+    node_scores = mx.concatenate([mx.zeros((1,), scores.dtype), scores[kept]])
+    return DraftTree(node_tokens, parents, ancestors, depths, T, spec.is_chain, node_scores)
 
 
 def _ancestor_matrix(parents, T: int, max_depth: int):

@@ -1,0 +1,157 @@
+"""One verified tree from two draft sources: the EAGLE-3 head and context n-grams.
+
+Contract: :func:`merge_tree` takes the head's draft tree (or none) and the
+matcher's candidate continuations and returns one :class:`~.tree.DraftTree`
+(root first, parents before children) plus the source of every node. Shared
+prefixes are merged, so no parent has two children with the same token: the
+recursive rejection rule in ``verify.sample_verify`` needs distinct
+candidates per node (see below). Runs on the host over a few dozen nodes.
+
+Ranking: a node's score estimates the probability that the target accepts
+the path to it. For a head node that is the head's cumulative draft
+probability; for an n-gram node at depth d of a candidate whose context
+matched n tokens it is ``a_n ** d``, with ``a_n`` the per-token acceptance
+that :class:`NgramAcceptance` measures online for that match length. A node
+in both sources keeps the larger score. Along any path scores never rise, so
+keeping the best nodes keeps every kept node's ancestors.
+
+Why point-mass candidates keep sampling exact: at a node with target
+distribution p, candidates x1..xm are fixed before the target runs (functions
+of the context only, whichever source proposed them). The rule accepts x1
+with probability p(x1); on rejection the next-token law is p restricted to
+tokens != x1, renormalised: r1 = p(. | not x1). x2 is then accepted with
+probability r1(x2) = p(x2) / (1 - p(x1)), and so on; when all are rejected
+the token is drawn from p restricted to the rest. Summing over the branches,
+token y != x_i is emitted with probability
+prod_i (1 - p(x_i)/(1 - sum_{j<i} p(x_j))) * p(y)/(1 - sum_i p(x_i)) = p(y),
+and x_i with probability prod_{j<i}(...) * p(x_i)/(1 - sum_{j<i} p(x_j)) = p(x_i):
+exactly p. A duplicated candidate would break the identity (its mass would
+be removed twice), which is why merging shares prefixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .ngram import Candidate
+from .tree import DraftTree
+
+EAGLE, NGRAM = 1, 2          # source bits of a node; 3 = proposed by both
+SOURCES = ("eagle", "ngram", "hybrid")
+_DEPTH_TIEBREAK = 1e-3       # as in tree.py: a parent outranks its children on ties
+
+
+def check_source(source: str, has_head: bool) -> str:
+    if source not in SOURCES:
+        raise ValueError(f"draft source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source != "ngram" and not has_head:
+        raise ValueError(f"draft source {source!r} needs an EAGLE-3 head (--draft); "
+                         "use 'ngram' to speculate without one")
+    return source
+
+
+@dataclass
+class NgramAcceptance:
+    """Running per-token acceptance of n-gram drafts by match length (a Beta
+    posterior mean per length): the tree's ranking of n-gram nodes."""
+
+    prior_accepted: float = 2.0
+    prior_rejected: float = 1.0
+    accepted: dict = field(default_factory=dict)
+    rejected: dict = field(default_factory=dict)
+
+    def rate(self, match_len: int) -> float:
+        a = self.accepted.get(match_len, 0) + self.prior_accepted
+        r = self.rejected.get(match_len, 0) + self.prior_rejected
+        return a / (a + r)
+
+    def update(self, match_len: int, proposed: Sequence[int], committed: Sequence[int]):
+        """One verified candidate: count tokens accepted until the first miss."""
+        k = 0
+        for a, b in zip(proposed, committed):
+            if a != b:
+                break
+            k += 1
+        self.accepted[match_len] = self.accepted.get(match_len, 0) + k
+        if k < len(proposed):
+            self.rejected[match_len] = self.rejected.get(match_len, 0) + 1
+
+
+@dataclass
+class MergedTree:
+    tree: DraftTree
+    sources: List[int]                  # per node: EAGLE / NGRAM bits (root 0)
+    proposals: List[tuple]              # (match_len, tokens in the tree) per n-gram candidate
+
+
+def merge_tree(root_token: int, candidates: Sequence[Candidate], acceptance: NgramAcceptance,
+               max_nodes: int, min_score: float, eagle: Optional[DraftTree] = None) -> MergedTree:
+    """Merge the head's tree and the n-gram candidates into at most ``max_nodes``
+    nodes; n-gram nodes scoring below ``min_score`` are not worth their verify cost."""
+    tokens, parents, scores, sources = [int(root_token)], [0], [1.0], [0]
+    child = {}
+    if eagle is not None:
+        e_tok = eagle.tokens.tolist()
+        e_par = eagle.parents.tolist()
+        e_sc = np.exp(np.array(eagle.scores.astype(mx.float32))).tolist()
+        for i in range(1, eagle.size):
+            child[(e_par[i], e_tok[i])] = len(tokens)
+            tokens.append(e_tok[i])
+            parents.append(e_par[i])
+            scores.append(e_sc[i])
+            sources.append(EAGLE)
+    proposals = []
+    for cand in candidates:
+        a = acceptance.rate(cand.match_len)
+        node, s, used = 0, 1.0, 0
+        for t in cand.tokens:
+            s *= a
+            if s < min_score:
+                break
+            nxt = child.get((node, t))
+            if nxt is None:
+                nxt = len(tokens)
+                child[(node, t)] = nxt
+                tokens.append(t)
+                parents.append(node)
+                scores.append(s)
+                sources.append(NGRAM)
+            else:
+                scores[nxt] = max(scores[nxt], s)
+                sources[nxt] |= NGRAM
+            node, used = nxt, used + 1
+        if used:
+            proposals.append((cand.match_len, tuple(cand.tokens[:used])))
+    return MergedTree(*_build(tokens, parents, scores, sources, max_nodes), proposals)
+
+
+def _build(tokens, parents, scores, sources, max_nodes):
+    T = len(tokens)
+    depth = [0] * T
+    for i in range(1, T):           # parents precede children
+        depth[i] = depth[parents[i]] + 1
+    keep = list(range(T))
+    if T > max_nodes:
+        ranked = sorted(range(1, T), key=lambda i: -(scores[i] - _DEPTH_TIEBREAK * depth[i]))
+        keep = [0] + ranked[:max_nodes - 1]
+    keep.sort(key=lambda i: (depth[i], i))
+    new = {old: j for j, old in enumerate(keep)}
+    n = len(keep)
+    par = [0] + [new[parents[i]] for i in keep[1:]]
+    anc = np.zeros((n, n), dtype=bool)
+    for j in range(n):
+        anc[j] = anc[par[j]]
+        anc[j, j] = True
+    tree = DraftTree(
+        tokens=mx.array([tokens[i] for i in keep], dtype=mx.int32),
+        parents=mx.array(par, dtype=mx.int32),
+        ancestors=mx.array(anc),
+        depths=mx.array([depth[i] for i in keep], dtype=mx.int32),
+        size=n,
+        is_chain=all(par[j] == j - 1 for j in range(1, n)),
+    )
+    return tree, [sources[i] for i in keep]
