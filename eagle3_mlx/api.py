@@ -33,11 +33,14 @@ def resolve_path(path_or_repo: str) -> Path:
         raise FileNotFoundError(f"{path_or_repo}: not a local directory and not downloadable ({e})") from None
 
 
-def load(model_path: str, draft_path: str, *, model_dtype: str | None = None, **spec_options) -> Engine:
-    """Load an MLX target and an MLX EAGLE-3 head and return an :class:`Engine`.
+def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | None = None,
+         **spec_options) -> Engine:
+    """Load an MLX target and (optionally) an MLX EAGLE-3 head and return an
+    :class:`Engine`. Without a head the engine drafts from context n-grams.
 
     ``spec_options``: ``top_k``, ``depth``, ``total_tokens``, ``kv_bits``,
-    ``kv_group_size``, ``max_context``, ``aux_layer_ids``.
+    ``kv_group_size``, ``max_context``, ``aux_layer_ids``, ``draft_source``
+    ("eagle", "ngram" or "hybrid"), ``ngram_tokens``, ``ngram_min_score``.
     ``model_dtype``: cast the target's floating weights (e.g. ``"float32"`` on a CPU).
     """
     from mlx_lm import load as mlx_load
@@ -45,7 +48,7 @@ def load(model_path: str, draft_path: str, *, model_dtype: str | None = None, **
     model, tokenizer = mlx_load(str(resolve_path(model_path)))
     if model_dtype:
         cast_floating(model, model_dtype)
-    head = load_head(resolve_path(draft_path))
+    head = load_head(resolve_path(draft_path)) if draft_path else None
     return Engine(model, tokenizer, head, **spec_options)
 
 

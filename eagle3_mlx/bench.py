@@ -104,6 +104,7 @@ class Run:
     draft_ms: float = 0.0
     verify_ms: float = 0.0
     finish: Optional[str] = None
+    source_tokens: Optional[dict] = None  # accepted drafted tokens per draft source
 
     @property
     def decode_tokens(self) -> int:
@@ -159,6 +160,7 @@ def run_spec(engine, ids: list, max_tokens: int, temp: float = 0.0, seed: Option
         run.text += r.text
         run.steps = r.steps
         run.finish = r.finish_reason
+        run.source_tokens = r.source_tokens or run.source_tokens
         if r.new_step:
             run.draft_ms += r.draft_ms
             run.verify_ms += r.verify_ms
@@ -194,6 +196,7 @@ def row_for(item: "Item", spec_run: Run, plain: Run, tree: TreeSpec, greedy: boo
         "spec_prompt_s": spec_run.first_s,
         "draft_ms": spec_run.draft_ms,
         "verify_ms": spec_run.verify_ms,
+        "source_tokens": spec_run.source_tokens,
         "plain_tokens": len(plain.tokens),
         "plain_decode_tokens": plain.decode_tokens,
         "plain_decode_s": plain.decode_s,
@@ -236,6 +239,8 @@ def summarize(rows: List[dict]) -> dict:
         "compared": len(ident),
         "draft_ms": sum(r["draft_ms"] for r in rows),
         "verify_ms": sum(r["verify_ms"] for r in rows),
+        "source_tokens": {k: sum((r.get("source_tokens") or {}).get(k, 0) for r in rows)
+                          for k in ("eagle", "ngram", "both")},
     }
 
 
@@ -458,7 +463,7 @@ def write_plot(path, cats: Dict[str, dict], total: dict, title: str):
 SIDECAR_SETTINGS = {
     "model": "--model", "draft": "--draft", "dtype": "--dtype", "prompts": "--prompts",
     "turns": "--turns", "max_tokens": "--max-tokens", "temp": "--temp", "seed": "--seed",
-    "system": "--system",
+    "system": "--system", "draft_source": "--draft-source",
 }
 
 
@@ -496,9 +501,11 @@ def read_sidecar(path: Path) -> Tuple[Optional[dict], List[dict], int]:
 def settings_mismatch(old: dict, new: dict) -> List[str]:
     # Greedy rows do not depend on the seed, so a greedy run may resume under another one.
     greedy = old.get("temp") == 0 and new["temp"] == 0
-    return [f"{opt} {old.get(k)!r} (this run: {new[k]!r})"
+    # Sidecars from before --draft-source existed were drafted by the head alone.
+    get = lambda d, k: d.get(k, "eagle" if k == "draft_source" else None)  # noqa: E731
+    return [f"{opt} {get(old, k)!r} (this run: {get(new, k)!r})"
             for k, opt in SIDECAR_SETTINGS.items()
-            if old.get(k) != new[k] and not (greedy and k == "seed")]
+            if get(old, k) != get(new, k) and not (greedy and k == "seed")]
 
 
 def write_atomic(path: Path, text: str):
@@ -536,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", action="append", default=None, help="only this category (repeatable)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--tree", default="auto", help="'auto' (calibrated for this machine) or TOP_K,DEPTH,TOTAL")
+    p.add_argument("--draft-source", choices=("eagle", "ngram", "hybrid"), default="eagle",
+                   help="what drafts the tree: the EAGLE-3 head (default), context n-grams, or both")
     p.add_argument("--grid", action="store_true",
                    help="also run a grid of tree shapes and rank the auto-calibrated tree among them")
     p.add_argument("--grid-trees", default=None, help="grid shapes, e.g. '1,3,5 4,4,16 8,6,48'")
@@ -594,7 +603,7 @@ def main(argv=None) -> int:
     dtype = args.dtype or cal_mod.default_dtype()
     settings = {"model": str(model), "draft": str(draft), "dtype": dtype, "prompts": args.prompts,
                 "turns": args.turns, "max_tokens": args.max_tokens, "temp": args.temp, "seed": args.seed,
-                "system": args.system}
+                "system": args.system, "draft_source": args.draft_source}
     sidecar = sidecar_path(args.json) if args.json else None
     records: List[dict] = []
     if args.resume and sidecar.exists() and sidecar.stat().st_size:
@@ -615,7 +624,7 @@ def main(argv=None) -> int:
         log(f"note: no {sidecar} to resume; starting from scratch")
 
     try:
-        engine = api.load(model, draft, model_dtype=dtype)
+        engine = api.load(model, draft, model_dtype=dtype, draft_source=args.draft_source)
     except (ValueError, FileNotFoundError, OSError) as e:
         err(str(e))
         return 1
@@ -676,8 +685,11 @@ def main(argv=None) -> int:
         "hidden_size": engine.target.hidden_size, "vocab_size": engine.target.vocab_size,
     }
     notes = []
-    if total["tau"] is not None and total["tau"] < 1.2:
-        notes.append(f"the draft head accepts almost nothing (tau {total['tau']:.2f}); it is untrained, "
+    # The head's own share: one token per forward plus the drafted tokens it proposed.
+    src, fwd = total["source_tokens"], total["target_forwards"]
+    head_tau = (fwd + src["eagle"] + src["both"]) / fwd if fwd else None
+    if args.draft_source != "ngram" and head_tau is not None and head_tau < 1.2:
+        notes.append(f"the draft head accepts almost nothing (tau {head_tau:.2f}); it is untrained, "
                      "random or made for another target, so speculation cannot speed anything up here")
     if args.temp == 0 and total["compared"] and total["identical"] < total["compared"]:
         notes.append(f"{total['compared'] - total['identical']} of {total['compared']} outputs differ from "
@@ -693,6 +705,7 @@ def main(argv=None) -> int:
         "config": {
             **model_desc, "prompts": args.prompts, "n_prompts": len(prompts), "turns": args.turns,
             "max_tokens": args.max_tokens, "temp": args.temp, "seed": args.seed, "limit": args.limit,
+            "draft_source": args.draft_source,
             "tree": {"top_k": tree.top_k, "depth": tree.depth, "total_tokens": tree.num_nodes,
                      "source": "auto" if fixed is None else "fixed"},
             "tps_definition": "(tokens - 1) / seconds from the first to the last token",
@@ -722,6 +735,7 @@ def main(argv=None) -> int:
     # ---- terminal output ----
     print(f"\nmachine : {describe_machine(machine)}")
     print(f"model   : {model} ({model_desc['quantization']}), draft {draft}")
+    print(f"drafts  : {args.draft_source}; accepted drafted tokens by source {total['source_tokens']}")
     print(f"tree    : {tree}{' (auto)' if fixed is None else ''} | prompts {args.prompts} "
           f"({n_items} turns) | max_tokens {args.max_tokens} | temp {args.temp}")
     if not args.quiet:

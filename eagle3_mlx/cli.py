@@ -108,7 +108,12 @@ def finish_run_tuning(tuner, log=None):
 def generate_main(argv):
     p = argparse.ArgumentParser(prog="eagle3-mlx generate", description="Generate text with EAGLE-3 speculative decoding.")
     p.add_argument("--model", required=True, help="MLX target model directory or HF repo")
-    p.add_argument("--draft", required=True, help="MLX EAGLE-3 head directory (eagle3-mlx convert)")
+    p.add_argument("--draft", default=None,
+                   help="MLX EAGLE-3 head directory (eagle3-mlx convert); without one, context "
+                        "n-grams draft (--draft-source ngram)")
+    p.add_argument("--draft-source", choices=("eagle", "ngram", "hybrid"), default=None,
+                   help="what drafts the tree: the head, context n-grams, or both "
+                        "(default: eagle with --draft, ngram without)")
     p.add_argument("--prompt", "-p", required=True, help="prompt text ('-' reads stdin)")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0)
@@ -128,9 +133,10 @@ def generate_main(argv):
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
-        engine = api.load(args.model, args.draft, model_dtype=args.dtype, kv_bits=args.kv_bits)
+        engine = api.load(args.model, args.draft, model_dtype=args.dtype, kv_bits=args.kv_bits,
+                          draft_source=args.draft_source)
         tuner = None
-        if not args.no_spec:
+        if not args.no_spec and engine.head is not None:
             spec = apply_tree_arg(engine, args.tree, log=lambda m: print(m, file=sys.stderr))
             print(f"draft tree: {spec}", file=sys.stderr)
             tuner = auto_tuner(engine, args.tree, every=RUN_TUNE_STEPS)
@@ -149,6 +155,9 @@ def generate_main(argv):
         if last is not None:
             print("=" * 10, file=sys.stderr)
             print(format_stats(last), file=sys.stderr)
+            if last.speculative and last.source_tokens:
+                print(f"drafts ({engine.draft_source}): accepted tokens by source "
+                      + ", ".join(f"{k} {v}" for k, v in last.source_tokens.items()), file=sys.stderr)
         # --tree auto: this run's acceptance refreshes the cached calibration
         finish_run_tuning(tuner, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, FileNotFoundError, OSError) as e:
