@@ -126,6 +126,8 @@ def merge_tree(root_token: int, candidates: Sequence[Candidate], acceptance: Ngr
             node, used = nxt, used + 1
         if used:
             proposals.append((cand.match_len, tuple(cand.tokens[:used])))
+    if eagle is not None and len(tokens) == eagle.size and eagle.size <= max_nodes:
+        return MergedTree(eagle, sources, proposals)   # nothing added: keep the device tree
     return MergedTree(*_build(tokens, parents, scores, sources, max_nodes), proposals)
 
 
