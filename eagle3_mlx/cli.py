@@ -13,6 +13,7 @@ COMMANDS = {
     "train": ("eagle3_mlx.train.cli", "main", "train an EAGLE-3 head for a target"),
     "bench": ("eagle3_mlx.bench", "main", "measure speedup against plain mlx-lm decoding"),
     "calibrate": ("eagle3_mlx.calibrate", "main", "pick the best draft tree for this machine"),
+    "serve": ("eagle3_mlx.server.cli", "serve_main", "OpenAI-compatible HTTP server"),
 }
 
 
@@ -37,7 +38,7 @@ def main(argv=None):
     if name not in COMMANDS:
         print(f"eagle3-mlx: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    if name in ("generate", "chat", "bench", "calibrate", "train"):
+    if name in ("generate", "chat", "bench", "calibrate", "train", "serve"):
         try:
             from .platform import maybe_reexec_with_openblas
         except ImportError:  # platform helpers are optional on non-Linux installs
