@@ -144,13 +144,15 @@ def run_plain(model, tokenizer, ids: list, max_tokens: int, temp: float = 0.0,
     return run
 
 
-def run_spec(engine, ids: list, max_tokens: int, temp: float = 0.0, seed: Optional[int] = None) -> Run:
+def run_spec(engine, ids: list, max_tokens: int, temp: float = 0.0, seed: Optional[int] = None,
+             draft_source: Optional[str] = None) -> Run:
     """EAGLE-3 speculative decoding of ``ids`` (fresh caches, no prefix reuse)."""
     engine.reset()
     run = Run()
     t0 = time.perf_counter()
     t_first = t_last = None
-    for r in engine.stream_generate(list(ids), max_tokens=max_tokens, temp=temp, seed=seed):
+    for r in engine.stream_generate(list(ids), max_tokens=max_tokens, temp=temp, seed=seed,
+                                    draft_source=draft_source):
         now = time.perf_counter()
         if r.token >= 0:
             if t_first is None:
@@ -278,20 +280,34 @@ def encode_messages(engine, messages: list) -> list:
     return engine.encode("\n\n".join(m["content"] for m in messages))
 
 
+def config_label(spec: TreeSpec, source: Optional[str], sources: Sequence[Optional[str]]) -> str:
+    """A row's configuration: the tree, plus the draft source when a run compares several."""
+    return tree_label(spec) if len(sources) <= 1 else f"{tree_label(spec)} {source}"
+
+
 def run_bench(engine, prompts: List[BenchPrompt], *, trees: List[TreeSpec], turns: int = 1,
               max_tokens: int = 256, temp: float = 0.0, seed: Optional[int] = 0, warmup: bool = True,
               progress: bool = True, system: Optional[str] = None, log=None,
-              done: Optional[dict] = None, on_row: Optional[Callable[[dict], None]] = None) -> dict:
-    """Run every prompt (and turn) plainly once and speculatively once per tree.
+              done: Optional[dict] = None, on_row: Optional[Callable[[dict], None]] = None,
+              sources: Optional[Sequence[str]] = None) -> dict:
+    """Run every prompt (and turn) plainly once and speculatively once per tree
+    and draft source (``sources``; default the engine's). Rows are keyed by
+    :func:`config_label`. Every speculative run starts from the engine's n-gram
+    acceptance as it was on entry, so a row does not depend on the rows before it.
 
     ``done`` maps (tree label, prompt key, turn) to a record from an earlier run (see
     ``on_row``); those trees are not run again for that turn and their rows are reported as
     they are. ``on_row`` gets one record per new row: {"key", "index", "turn", "tree",
     "plain_text", "row"} (plain_text carries the answer a second turn is conditioned on).
     Returns {"rows": {tree label: [row, ...]}, "summary": ..., "categories": ...}."""
+    import copy
+
     greedy = temp == 0
     log = log or (lambda s: print(s, file=sys.stderr))
-    labels = [tree_label(t) for t in trees]
+    sources = list(sources or [None])
+    configs = [(t, src) for t in trees for src in sources]
+    labels = [config_label(t, src, sources) for t, src in configs]
+    ngram_start = copy.deepcopy(engine.ngram_acceptance)
     done = dict(done or {})
     n_items = sum(min(turns, len(p.turns)) for p in prompts)
     todo = {(key, t): [lab for lab in labels if (lab, key, t) not in done]
@@ -305,14 +321,17 @@ def run_bench(engine, prompts: List[BenchPrompt], *, trees: List[TreeSpec], turn
         try:
             from tqdm import tqdm
 
-            total = n_items * (1 + len(trees))
+            total = n_items * (1 + len(configs))
             bar = tqdm(total=total, initial=total - n_left, unit="run", desc="bench", file=sys.stderr,
                        dynamic_ncols=True)
         except ImportError:
             bar = None
 
-    def set_tree(spec):
+    def spec_run(label, ids, n):
+        spec, src = configs[labels.index(label)]
         engine.set_tree(top_k=spec.top_k, depth=spec.depth, total_tokens=spec.total_tokens)
+        engine.ngram_acceptance = copy.deepcopy(ngram_start)
+        return run_spec(engine, ids, n, temp, seed, draft_source=src)
 
     base = [{"role": "system", "content": system}] if system else []
     if warmup and prompts and n_left:
@@ -320,9 +339,8 @@ def run_bench(engine, prompts: List[BenchPrompt], *, trees: List[TreeSpec], turn
         ids = encode_messages(engine, base + [{"role": "user", "content": p0.turns[0]}])
         n = min(16, max_tokens)
         run_plain(engine.model, engine.tokenizer, ids, n, temp, seed)
-        for spec in trees:
-            set_tree(spec)
-            run_spec(engine, ids, n, temp, seed)
+        for lab in labels:
+            spec_run(lab, ids, n)
 
     k = 0
     try:
@@ -344,12 +362,11 @@ def run_bench(engine, prompts: List[BenchPrompt], *, trees: List[TreeSpec], turn
                         if what == "plain":
                             plain = run_plain(engine.model, engine.tokenizer, item.ids, max_tokens, temp, seed)
                         else:
-                            set_tree(trees[labels.index(what)])
-                            spec_runs[what] = run_spec(engine, item.ids, max_tokens, temp, seed)
+                            spec_runs[what] = spec_run(what, item.ids, max_tokens)
                         if bar is not None:
                             bar.update(1)
                     for lab in left:
-                        spec = trees[labels.index(lab)]
+                        spec = configs[labels.index(lab)][0]
                         rec = {"key": key, "index": i, "turn": t, "tree": lab, "plain_text": plain.text,
                                "row": row_for(item, spec_runs[lab], plain, spec, greedy)}
                         done[(lab, key, t)] = rec
@@ -369,6 +386,7 @@ def run_bench(engine, prompts: List[BenchPrompt], *, trees: List[TreeSpec], turn
     finally:
         if bar is not None:
             bar.close()
+    engine.ngram_acceptance = ngram_start
     out = {"rows": rows, "summary": {}, "categories": {}}
     for lab in labels:
         out["summary"][lab] = summarize(rows[lab])
@@ -410,6 +428,21 @@ def format_summary(cats: Dict[str, dict], total: dict) -> str:
         lines.append(line(c, cats[c]))
     lines.append("-" * len(lines[0]))
     lines.append(line("overall", total))
+    return "\n".join(lines)
+
+
+def format_sources(by_source: Dict[str, dict]) -> str:
+    """One line per draft source and category: tau and speedup side by side."""
+    cats = sorted({c for v in by_source.values() for c in v["categories"]})
+    names = list(by_source)
+    head = f"{'category':<11} " + " ".join(f"{n + ' tau':>11} {n + ' x':>9}" for n in names)
+    lines = [head]
+    for c in cats + ["overall"]:
+        cells = []
+        for n in names:
+            v = by_source[n]["summary"] if c == "overall" else by_source[n]["categories"].get(c, {})
+            cells.append(f"{_f(v.get('tau')):>11} {_f(v.get('speedup'), '{:.2f}x'):>9}")
+        lines.append(f"{c:<11} " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -520,6 +553,17 @@ def write_atomic(path: Path, text: str):
 # ----------------------------------------------------------------------------------
 
 
+def _parse_sources(text: str) -> List[str]:
+    from .hybrid import SOURCES
+
+    out = [t.strip() for t in str(text).split(",") if t.strip()]
+    bad = [t for t in out if t not in SOURCES]
+    if not out or bad or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(
+            f"expected one or more of {', '.join(SOURCES)} separated by commas, each once; got {text!r}")
+    return out
+
+
 def _parse_grid(text: Optional[str]) -> List[TreeSpec]:
     if not text:
         return [TreeSpec(*t) for t in DEFAULT_GRID]
@@ -543,8 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", action="append", default=None, help="only this category (repeatable)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--tree", default="auto", help="'auto' (calibrated for this machine) or TOP_K,DEPTH,TOTAL")
-    p.add_argument("--draft-source", choices=("eagle", "ngram", "hybrid"), default="eagle",
-                   help="what drafts the tree: the EAGLE-3 head (default), context n-grams, or both")
+    p.add_argument("--draft-source", default="hybrid", type=_parse_sources, metavar="SOURCES",
+                   help="what drafts the tree: eagle (the EAGLE-3 head), ngram (context n-grams), "
+                        "hybrid (both in one tree; the default), or several separated by commas, "
+                        "e.g. eagle,ngram,hybrid: each prompt then runs once per source against one "
+                        "plain run, and the first source is the headline")
     p.add_argument("--grid", action="store_true",
                    help="also run a grid of tree shapes and rank the auto-calibrated tree among them")
     p.add_argument("--grid-trees", default=None, help="grid shapes, e.g. '1,3,5 4,4,16 8,6,48'")
@@ -603,7 +650,7 @@ def main(argv=None) -> int:
     dtype = args.dtype or cal_mod.default_dtype()
     settings = {"model": str(model), "draft": str(draft), "dtype": dtype, "prompts": args.prompts,
                 "turns": args.turns, "max_tokens": args.max_tokens, "temp": args.temp, "seed": args.seed,
-                "system": args.system, "draft_source": args.draft_source}
+                "system": args.system, "draft_source": ",".join(args.draft_source)}
     sidecar = sidecar_path(args.json) if args.json else None
     records: List[dict] = []
     if args.resume and sidecar.exists() and sidecar.stat().st_size:
@@ -624,7 +671,7 @@ def main(argv=None) -> int:
         log(f"note: no {sidecar} to resume; starting from scratch")
 
     try:
-        engine = api.load(model, draft, model_dtype=dtype, draft_source=args.draft_source)
+        engine = api.load(model, draft, model_dtype=dtype, draft_source=args.draft_source[0])
     except (ValueError, FileNotFoundError, OSError) as e:
         err(str(e))
         return 1
@@ -641,13 +688,19 @@ def main(argv=None) -> int:
     else:
         tree = fixed
         log(f"tree: {tree}")
+    # hybrid trees rank n-gram candidates by the acceptance calibration measured
+    cal_mod.seed_ngram_acceptance(engine, calibration)
+    sources = args.draft_source
     trees = [tree] + [g for g in grid if tree_label(g) != tree_label(tree)]
     n_items = sum(min(args.turns, len(p.turns)) for p in prompts)
-    log(f"{n_items} prompt turns x (plain + {len(trees)} tree{'s' if len(trees) > 1 else ''}), "
+    n_cfg = len(trees) * len(sources)
+    log(f"{n_items} prompt turns x (plain + {n_cfg} speculative configuration{'s' if n_cfg > 1 else ''}: "
+        f"{len(trees)} tree{'s' if len(trees) > 1 else ''} x draft sources {','.join(sources)}), "
         f"max_tokens {args.max_tokens}, temp {args.temp}")
 
     done = {(r["tree"], r["key"], r["turn"]): r for r in records}
-    wanted = {(tree_label(t), prompt_key(p), turn) for t in trees for p in prompts
+    wanted = {(config_label(t, src, sources), prompt_key(p), turn) for t in trees for src in sources
+              for p in prompts
               for turn in range(1, min(args.turns, len(p.turns)) + 1)}
     if done:
         log(f"resume: {len(wanted & done.keys())} of {len(wanted)} rows already in {sidecar}"
@@ -666,7 +719,8 @@ def main(argv=None) -> int:
         res = run_bench(engine, prompts, trees=trees, turns=args.turns, max_tokens=args.max_tokens,
                         temp=args.temp, seed=args.seed, warmup=not args.no_warmup,
                         progress=not args.no_progress, system=args.system, log=log, done=done,
-                        on_row=(lambda rec: append_line(f, {**rec, "mode": mode})) if f else None)
+                        on_row=(lambda rec: append_line(f, {**rec, "mode": mode})) if f else None,
+                        sources=sources)
     except KeyboardInterrupt:
         if f is None:
             raise
@@ -675,7 +729,7 @@ def main(argv=None) -> int:
     finally:
         if f is not None:
             f.close()
-    lab = tree_label(tree)
+    lab = config_label(tree, sources[0], sources)
     rows, total, cats = res["rows"][lab], res["summary"][lab], res["categories"][lab]
 
     model_desc = {
@@ -688,7 +742,7 @@ def main(argv=None) -> int:
     # The head's own share: one token per forward plus the drafted tokens it proposed.
     src, fwd = total["source_tokens"], total["target_forwards"]
     head_tau = (fwd + src["eagle"] + src["both"]) / fwd if fwd else None
-    if args.draft_source != "ngram" and head_tau is not None and head_tau < 1.2:
+    if sources[0] != "ngram" and head_tau is not None and head_tau < 1.2:
         notes.append(f"the draft head accepts almost nothing (tau {head_tau:.2f}); it is untrained, "
                      "random or made for another target, so speculation cannot speed anything up here")
     if args.temp == 0 and total["compared"] and total["identical"] < total["compared"]:
@@ -705,7 +759,7 @@ def main(argv=None) -> int:
         "config": {
             **model_desc, "prompts": args.prompts, "n_prompts": len(prompts), "turns": args.turns,
             "max_tokens": args.max_tokens, "temp": args.temp, "seed": args.seed, "limit": args.limit,
-            "draft_source": args.draft_source,
+            "draft_source": ",".join(sources),
             "tree": {"top_k": tree.top_k, "depth": tree.depth, "total_tokens": tree.num_nodes,
                      "source": "auto" if fixed is None else "fixed"},
             "tps_definition": "(tokens - 1) / seconds from the first to the last token",
@@ -723,9 +777,13 @@ def main(argv=None) -> int:
             "verify_ms": calibration.costs.to_dict()["verify_ms"],
             "acceptance_top1": [round(x, 4) for x in calibration.acceptance.top1_rates()],
         }
+    if len(sources) > 1:
+        result["sources"] = {src: {"summary": res["summary"][config_label(tree, src, sources)],
+                                   "categories": res["categories"][config_label(tree, src, sources)]}
+                             for src in sources}
     if grid:
-        glist = [{"tree": tree_label(t), "summary": res["summary"][tree_label(t)],
-                  "categories": res["categories"][tree_label(t)]} for t in trees]
+        glist = [{"tree": label, "summary": res["summary"][label], "categories": res["categories"][label]}
+                 for label in res["summary"]]
         best = max(glist, key=lambda g: g["summary"]["spec_tps"] or 0)
         result["grid"] = glist
         result["grid_best"] = best["tree"]
@@ -735,7 +793,7 @@ def main(argv=None) -> int:
     # ---- terminal output ----
     print(f"\nmachine : {describe_machine(machine)}")
     print(f"model   : {model} ({model_desc['quantization']}), draft {draft}")
-    print(f"drafts  : {args.draft_source}; accepted drafted tokens by source {total['source_tokens']}")
+    print(f"drafts  : {sources[0]}; accepted drafted tokens by source {total['source_tokens']}")
     print(f"tree    : {tree}{' (auto)' if fixed is None else ''} | prompts {args.prompts} "
           f"({n_items} turns) | max_tokens {args.max_tokens} | temp {args.temp}")
     if not args.quiet:
@@ -743,6 +801,9 @@ def main(argv=None) -> int:
         print(format_rows(rows))
     print()
     print(format_summary(cats, total))
+    if len(sources) > 1:
+        print()
+        print(format_sources(result["sources"]))
     if grid:
         print()
         print(format_grid(result["grid"], lab if fixed is None else None))

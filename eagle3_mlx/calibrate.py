@@ -46,12 +46,15 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from .tree import TreeSpec
 
 CACHE_FORMAT = 1
-DEFAULT_WIDTHS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+# Every width a small tree can have is measured, not interpolated: on a CPU the
+# verify cost is a staircase (SIMD/BLAS blocking), so interpolating between 4
+# and 8 nodes once picked an 8-node tree where a 6-node one paid better.
+DEFAULT_WIDTHS = tuple(range(1, 17)) + (20, 24, 32, 48, 64)
 DEFAULT_TOP_KS = (1, 2, 3, 4, 6, 8)
 DEFAULT_DRAFT_DEPTHS = (1, 3, 6)
 DEFAULT_LEVELS = 9          # acceptance measured for draft levels 1..9 (depth <= 8)
 DEFAULT_MAX_RANK = 8
-QUICK = dict(widths=(1, 2, 4, 8), top_ks=(1, 2, 4), draft_depths=(1, 3), levels=5,
+QUICK = dict(widths=tuple(range(1, 9)), top_ks=(1, 2, 4), draft_depths=(1, 3), levels=5,
              n_prompts=1, max_tokens=24, reps=3, context=32)
 
 
@@ -653,6 +656,8 @@ class Calibration:
     seconds: float = 0.0
     online_steps: int = 0
     info: dict = field(default_factory=dict)
+    # n-gram drafts' acceptance on the same continuations, {match_len: [accepted, rejected]}
+    ngram: dict = field(default_factory=dict)
 
     def pick(self, **kw) -> Tuple[Candidate, List[Candidate]]:
         best, cands = optimise(self.costs, self.acceptance, **kw)
@@ -675,6 +680,7 @@ class Calibration:
             "seconds": round(self.seconds, 2),
             "online_steps": self.online_steps,
             "info": self.info,
+            "ngram": {str(n): c for n, c in self.ngram.items()},
         }
 
     @classmethod
@@ -682,7 +688,8 @@ class Calibration:
         cal = cls(key=d["key"], costs=CostModel.from_dict(d["costs"]),
                   acceptance=AcceptanceModel.from_dict(d["acceptance"]), created=d.get("created", 0.0),
                   seconds=d.get("seconds", 0.0), online_steps=d.get("online_steps", 0),
-                  info=d.get("info", {}))
+                  info=d.get("info", {}),
+                  ngram={int(n): c for n, c in d.get("ngram", {}).items()})
         c = d.get("choice")
         if c:
             cal.choice = evaluate(TreeSpec(c["top_k"], c["depth"], c["total_tokens"]), cal.costs,
@@ -883,7 +890,7 @@ def generate_continuations(engine, prompts: Sequence[str], max_tokens: int,
         ids = _encode_chat(engine, text)
         engine.reset()
         toks, last_t, last_r = [], None, None
-        for r in engine.stream_generate(ids, max_tokens=max_tokens, temp=0.0):
+        for r in engine.stream_generate(ids, max_tokens=max_tokens, temp=0.0, draft_source="eagle"):
             now = time.perf_counter()
             if r.token >= 0:
                 toks.append(r.token)
@@ -977,11 +984,37 @@ def measure_ranks(target, head, prompt_ids: list, continuation: list, *, levels:
 
 def measure_acceptance(engine, prompts: Sequence[str], *, max_tokens: int = 64,
                        levels: int = DEFAULT_LEVELS, max_rank: int = DEFAULT_MAX_RANK,
-                       log: Optional[Callable] = None) -> Tuple[AcceptanceModel, List[float]]:
-    conts, overhead = generate_continuations(engine, prompts, max_tokens, log)
+                       log: Optional[Callable] = None, conts=None) -> Tuple[AcceptanceModel, List[float]]:
+    overhead = []
+    if conts is None:
+        conts, overhead = generate_continuations(engine, prompts, max_tokens, log)
     runs = [measure_ranks(engine.target, engine.head, ids, toks, levels=levels, max_rank=max_rank)
             for ids, toks in conts]
     return AcceptanceModel.from_runs([r for r in runs if r], levels, max_rank), overhead
+
+
+def measure_ngram_acceptance(conts: Sequence[Tuple[list, list]], *, max_len: int = 12,
+                             max_candidates: int = 3) -> dict:
+    """The second source's acceptance on the same continuations: at every
+    generated position the context matcher proposes what it would in the
+    engine, and each candidate is scored against the target's true tokens
+    (accepted until the first miss), per match length. Returns
+    {match_len: [accepted tokens, rejected candidates]} (NgramAcceptance's counts)."""
+    from .hybrid import NgramAcceptance
+    from .ngram import ContextMatcher
+
+    acc = NgramAcceptance()
+    for ids, toks in conts:
+        m = ContextMatcher()
+        m.extend(ids)
+        for i, t in enumerate(toks):
+            m.extend((t,))
+            truth = toks[i + 1:i + 1 + max_len]
+            if not truth:
+                break
+            for cand in m.propose(max_len, max_candidates):
+                acc.update(cand.match_len, cand.tokens[:len(truth)], truth)
+    return acc.counts()
 
 
 def calibrate(engine, *, force: bool = False, quick: bool = False, directory: Optional[Path] = None,
@@ -1031,7 +1064,10 @@ def calibrate(engine, *, force: bool = False, quick: bool = False, directory: Op
         # A moderate tree: fast with a trained head, cheap with a useless one (the
         # continuations are the same greedy tokens whatever the tree).
         engine.set_tree(top_k=2, depth=min(3, levels - 1), total_tokens=min(8, max(widths)))
-        acc, overhead = measure_acceptance(engine, prompts, max_tokens=max_tokens, levels=levels, log=log)
+        conts, overhead = generate_continuations(engine, prompts, max_tokens, log)
+        acc, _ = measure_acceptance(engine, prompts, levels=levels, conts=conts)
+        ngram = measure_ngram_acceptance(conts, max_len=engine.ngram_tokens,
+                                         max_candidates=engine.ngram_candidates)
         over = _median(overhead) if overhead else 0.0
         costs = CostModel(monotone(verify_ms), draft_fit, overhead_ms=max(0.0, over),
                           decode_ms=verify_ms.get(1), ext_ms=ext_ms)
@@ -1041,7 +1077,8 @@ def calibrate(engine, *, force: bool = False, quick: bool = False, directory: Op
                                 "prompts": len(prompts), "max_tokens": max_tokens, "context": context,
                                 "reps": reps, "samples": len(acc.samples),
                                 "verify_raw_ms": {str(t): round(v, 3) for t, v in sorted(verify_ms.items())},
-                                "draft_raw_ms": {f"{k},{d}": round(v, 3) for (k, d), v in draft_raw.items()}})
+                                "draft_raw_ms": {f"{k},{d}": round(v, 3) for (k, d), v in draft_raw.items()}},
+                          ngram=ngram)
         cal.pick()
         cal.seconds = time.perf_counter() - t_start
     finally:
@@ -1128,10 +1165,26 @@ def _resolve_without_tokenizer(model, head, *, force, quick, directory, log) -> 
 
 
 def apply_tree(engine, tree_arg="auto", **kw) -> TreeSpec:
-    """resolve_tree + engine.set_tree; returns the spec set."""
+    """resolve_tree + engine.set_tree; returns the spec set. When a calibration
+    is cached (also with an explicit tree) its measured n-gram acceptance seeds
+    the engine's ranking of n-gram against head candidates."""
     spec = resolve_tree(engine, tree_arg, **kw)
     engine.set_tree(top_k=spec.top_k, depth=spec.depth, total_tokens=spec.total_tokens)
+    seed_ngram_acceptance(engine, directory=kw.get("directory"))
     return spec
+
+
+def seed_ngram_acceptance(engine, calibration: Optional[Calibration] = None,
+                          directory: Optional[Path] = None) -> bool:
+    """Start the engine's n-gram acceptance from the calibration's measurement
+    (True if there was one)."""
+    from .hybrid import NgramAcceptance
+
+    cal = calibration or load_calibration(calibration_key(engine.model, engine.head), directory)
+    if cal is None or not cal.ngram:
+        return False
+    engine.ngram_acceptance = NgramAcceptance.from_measured(cal.ngram)
+    return True
 
 
 class OnlineTuner:
@@ -1152,16 +1205,38 @@ class OnlineTuner:
         self._steps = 0
         self._tokens = 0
         self._spec_seen = None
+        self._head_run = False
 
     def observe(self, r):
-        if not getattr(r, "speculative", True) or not r.new_step or r.step_index < 1:
+        """Count the head's share of each step: the bonus token plus the leading
+        accepted tokens the head proposed. In a hybrid tree a step that runs on
+        along an n-gram continuation would otherwise credit the head with
+        acceptance it did not earn, and the tree would be re-picked from it."""
+        if not getattr(r, "speculative", True) or r.step_index < 1:
             return
-        spec = self.engine.spec
-        if self._spec_seen is not None and (spec.top_k, spec.depth, spec.num_nodes) != self._spec_seen:
-            self._steps = self._tokens = 0
-        self._spec_seen = (spec.top_k, spec.depth, spec.num_nodes)
-        self._steps += 1
-        self._tokens += r.step_tokens
+        src = getattr(r, "source", None)   # None: a step summary without per-token sources
+        if r.new_step:
+            spec = self.engine.spec
+            if self._spec_seen is not None and (spec.top_k, spec.depth, spec.num_nodes) != self._spec_seen:
+                self._steps = self._tokens = 0
+            self._spec_seen = (spec.top_k, spec.depth, spec.num_nodes)
+            self._steps += 1
+            if src is None:
+                self._tokens += r.step_tokens
+                self._head_run = False
+                return
+            self._tokens += 1          # the token the target commits itself
+            self._head_run = True
+        if src is None:
+            return
+        if self._head_run and src in ("eagle", "both"):
+            self._tokens += 1
+        else:
+            self._head_run = False
+
+    def observed(self) -> Tuple[int, int]:
+        """(speculative steps, tokens credited to the head) since the last retune."""
+        return self._steps, self._tokens
 
     def maybe_retune(self) -> Optional[TreeSpec]:
         if self._steps < self.every:

@@ -82,7 +82,7 @@ def auto_tuner(engine, tree_arg, **kw):
     """An :class:`~eagle3_mlx.calibrate.OnlineTuner` for an engine whose tree
     came from ``--tree auto`` (call after :func:`apply_tree_arg`); None for an
     explicit tree (never changed) or when no calibration is cached."""
-    if not is_auto_tree(tree_arg):
+    if not is_auto_tree(tree_arg) or engine.head is None:
         return None
     from .calibrate import make_tuner
 
@@ -114,7 +114,7 @@ def generate_main(argv):
                         "n-grams draft (--draft-source ngram)")
     p.add_argument("--draft-source", choices=("eagle", "ngram", "hybrid"), default=None,
                    help="what drafts the tree: the head, context n-grams, or both "
-                        "(default: eagle with --draft, ngram without)")
+                        "(default: hybrid with --draft, ngram without)")
     p.add_argument("--prompt", "-p", required=True, help="prompt text ('-' reads stdin)")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0)

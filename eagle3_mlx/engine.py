@@ -109,7 +109,7 @@ class Engine:
     """``head`` may be None: the engine then drafts from context n-grams only.
 
     ``draft_source``: "eagle" (head only), "ngram" (context n-grams only) or
-    "hybrid" (both in one tree). Default: "eagle" with a head, "ngram" without. ``ngram_tokens``:
+    "hybrid" (both in one tree). Default: "hybrid" with a head, "ngram" without. ``ngram_tokens``:
     longest n-gram continuation drafted; ``ngram_min_score``: an n-gram node
     joins the tree only when its estimated path acceptance is at least this
     (each node widens the verify; on a CPU that costs a few % of a step)."""
@@ -128,9 +128,7 @@ class Engine:
         if head is not None:
             check_compatible(head, self.target)
             match_head_dtype(head, self.target)
-        # "eagle" stays the default with a head until calibration and the online
-        # tuner model n-gram acceptance too (they measure the head's alone).
-        self.draft_source = check_source(draft_source or ("eagle" if head is not None else "ngram"),
+        self.draft_source = check_source(draft_source or ("hybrid" if head is not None else "ngram"),
                                          head is not None)
         if not isinstance(ngram_tokens, int) or ngram_tokens < 1:
             raise ValueError(f"ngram_tokens must be a positive integer, got {ngram_tokens!r}")

@@ -63,11 +63,31 @@ class NgramAcceptance:
     prior_rejected: float = 1.0
     accepted: dict = field(default_factory=dict)
     rejected: dict = field(default_factory=dict)
+    # match length -> (accepted, rejected) pseudo-counts measured by calibration;
+    # lengths it did not see keep the generic prior above.
+    measured_prior: dict = field(default_factory=dict)
 
     def rate(self, match_len: int) -> float:
-        a = self.accepted.get(match_len, 0) + self.prior_accepted
-        r = self.rejected.get(match_len, 0) + self.prior_rejected
+        pa, pr = self.measured_prior.get(match_len, (self.prior_accepted, self.prior_rejected))
+        a = self.accepted.get(match_len, 0) + pa
+        r = self.rejected.get(match_len, 0) + pr
         return a / (a + r)
+
+    @classmethod
+    def from_measured(cls, counts: dict, weight: float = 32.0) -> "NgramAcceptance":
+        """Start from calibration's counts ({match_len: [accepted, rejected]}),
+        each length's evidence scaled down to at most ``weight`` events, so the
+        live counts of this conversation soon dominate."""
+        prior = {}
+        for n, (a, r) in counts.items():
+            scale = min(1.0, weight / max(a + r, 1.0))
+            prior[int(n)] = (a * scale + 1.0, r * scale + 1.0)   # + a uniform Beta(1, 1)
+        return cls(measured_prior=prior)
+
+    def counts(self) -> dict:
+        """{match_len: [accepted, rejected]} observed (no prior): what calibration stores."""
+        lens = sorted(set(self.accepted) | set(self.rejected))
+        return {n: [self.accepted.get(n, 0), self.rejected.get(n, 0)] for n in lens}
 
     def update(self, match_len: int, proposed: Sequence[int], committed: Sequence[int]):
         """One verified candidate: count tokens accepted until the first miss."""

@@ -133,8 +133,11 @@ def test_greedy_equals_target_with_ngram_and_hybrid(family, tiny, oracle_head):
     prompts = copy_prompts(tok, 20)
     refs = [[int(y) for y, _ in generate_step(mx.array(p), model, max_tokens=64)] for p in prompts]
     taus = {}
+    # "eagle" too: hybrid is the engine's default with a head, so the lossless
+    # tests' default engines no longer cover head-only trees
     for source, head, tree in [("ngram", None, (4, 4, 16)), ("hybrid", oracle_head(family), (2, 3, 8)),
-                               ("hybrid", oracle_head(family), (1, 5, 7))]:
+                               ("hybrid", oracle_head(family), (1, 5, 7)),
+                               ("eagle", oracle_head(family), (2, 3, 8))]:
         eng = Engine(model, tok, head, top_k=tree[0], depth=tree[1], total_tokens=tree[2],
                      draft_source=source, ngram_min_score=0.0)
         eng.tokenizer.eos_token_ids = set()
@@ -149,6 +152,9 @@ def test_greedy_equals_target_with_ngram_and_hybrid(family, tiny, oracle_head):
             steps += rs[-1].steps
             tokens += rs[-1].generation_tokens
         taus[(source, tree)] = tokens / steps
+        if source == "eagle":
+            assert used["ngram"] + used["both"] == 0 and used["eagle"] > 0
+            continue
         assert used["ngram"] + used["both"] > 0
         if source == "hybrid":
             assert used["eagle"] > 0
@@ -157,11 +163,12 @@ def test_greedy_equals_target_with_ngram_and_hybrid(family, tiny, oracle_head):
     assert taus[("ngram", (4, 4, 16))] > 1.5
 
 
-def test_engine_without_head_rejects_head_sources(tiny):
+def test_engine_without_head_rejects_head_sources(tiny, oracle_head):
     model, tok = tiny("llama")
     with pytest.raises(ValueError, match="needs an EAGLE-3 head"):
         Engine(model, tok, None, draft_source="hybrid")
     eng = Engine(model, tok, None)
     assert eng.draft_source == "ngram"
+    assert Engine(model, tok, oracle_head("llama")).draft_source == "hybrid"   # default with a head
     with pytest.raises(ValueError, match="draft source must be one of"):
         list(eng.stream_generate([5, 6, 7], max_tokens=2, draft_source="suffix"))

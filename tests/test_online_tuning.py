@@ -132,7 +132,9 @@ async def test_chat_auto_tree_is_retuned_from_live_acceptance(tiny_pair, calibra
     calibrated = shape(cal.spec)
     model, draft = tiny_pair
     holder: dict = {}
-    loader = make_loader(str(model), str(draft), tree_arg="auto", tuner_options={"every": 4})
+    # head-only drafting: a hybrid step may run past the head's tree on an n-gram
+    loader = make_loader(str(model), str(draft), tree_arg="auto", tuner_options={"every": 4},
+                         draft_source="eagle")
     assert callable(loader.make_tuner)
     app = ChatApp(recording(loader, holder), settings=ChatSettings(max_tokens=48), model_label="tiny",
                   animate_loading=False)

@@ -1,6 +1,7 @@
 """`eagle3-mlx chat`: command line of the terminal chat.
 
-    eagle3-mlx chat [--model M] [--draft D] [--system TEXT] [--temp T] [--top-p P]
+    eagle3-mlx chat [--model M] [--draft D] [--draft-source eagle|ngram|hybrid]
+                    [--system TEXT] [--temp T] [--top-p P]
                     [--max-tokens N] [--top-k-tree K --depth D --total-tokens N]
                     [--plain] [--smoke "question"]
 
@@ -32,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="target model: mlx-lm directory or Hugging Face repo "
                                    "(default: the product's default model)")
-    p.add_argument("--draft", help="EAGLE-3 draft head: MLX head directory or Hugging Face repo")
+    p.add_argument("--draft", help="EAGLE-3 draft head: MLX head directory or Hugging Face repo "
+                                   "(without one, --model speculates from context n-grams)")
+    p.add_argument("--draft-source", choices=("eagle", "ngram", "hybrid"), default=None,
+                   help="what drafts the tree: the head, context n-grams, or both "
+                        "(default: hybrid with a head, ngram without)")
     p.add_argument("--system", default="", help="system prompt")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy; default 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")
@@ -84,7 +89,7 @@ def resolve_paths(model: str | None, draft: str | None, progress: Callable[..., 
     if draft and not model:
         raise ChatSetupError(f"--draft was given without --model.\n{USAGE_HINT}")
     if model and not draft:
-        raise ChatSetupError(f"--model needs its EAGLE-3 draft head: pass --draft.\n{USAGE_HINT}")
+        return model, None          # no head: the engine speculates from context n-grams
     try:
         from eagle3_mlx import default_model as dm
     except ImportError:
@@ -114,7 +119,8 @@ def resolve_paths(model: str | None, draft: str | None, progress: Callable[..., 
 
 
 def make_loader(model: str | None, draft: str | None, tree: dict | None = None,
-                tree_arg: str = "auto", tuner_options: dict | None = None):
+                tree_arg: str = "auto", tuner_options: dict | None = None,
+                draft_source: str | None = None):
     """A loader for EngineThread: runs on the engine thread, returns the engine.
     Explicit tree options win; otherwise ``tree_arg`` ('auto' calibrates once per
     machine and model, then reads the cache).
@@ -123,16 +129,18 @@ def make_loader(model: str | None, draft: str | None, tree: dict | None = None,
     carries ``make_tuner(engine)``: the engine thread builds an OnlineTuner
     with it (``tuner_options``: its keyword arguments, e.g. ``every``) that
     refreshes the acceptance estimate while the chat runs.  An explicit tree
-    has no ``make_tuner`` and is never changed."""
+    has no ``make_tuner`` and is never changed.  ``draft_source``: "eagle",
+    "ngram" or "hybrid" (default: the engine's, hybrid with a head)."""
     tree = dict(tree or {})
 
     def loader(progress: Callable[..., None]):
         m, d = resolve_paths(model, draft, progress)
-        progress(f"Loading {_name(m)} with draft head {_name(d)}…")
+        progress(f"Loading {_name(m)} with draft head {_name(d)}…" if d
+                 else f"Loading {_name(m)} (no draft head: context n-grams draft)…")
         from eagle3_mlx.api import load
 
-        engine = load(m, d, **tree)
-        if not tree:
+        engine = load(m, d, draft_source=draft_source, **tree)
+        if not tree and engine.head is not None:
             from eagle3_mlx.cli import apply_tree_arg
 
             progress("Choosing the draft tree for this machine…")
@@ -184,6 +192,9 @@ def stats_line(r: Any, ttft_ms: float | None = None) -> str:
     if ttft_ms is not None:
         parts.append(f"first token {ttft_ms:.0f} ms")
     parts.append(f"finish {getattr(r, 'finish_reason', None)}")
+    src = getattr(r, "source_tokens", None)
+    if src and getattr(r, "speculative", False):
+        parts.append("accepted by source " + ", ".join(f"{k} {v}" for k, v in src.items()))
     return "[" + " · ".join(parts) + "]"
 
 
@@ -197,7 +208,7 @@ def smoke(args) -> int:
     from eagle3_mlx.cli import RUN_TUNE_STEPS, finish_run_tuning
 
     loader = make_loader(args.model, args.draft, tree_kwargs(args), args.tree,
-                         tuner_options={"every": RUN_TUNE_STEPS})
+                         tuner_options={"every": RUN_TUNE_STEPS}, draft_source=args.draft_source)
     try:
         engine = loader(progress)
     except ChatSetupError as exc:
@@ -241,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import ChatApp
 
-    app = ChatApp(make_loader(args.model, args.draft, tree_kwargs(args), args.tree),
+    app = ChatApp(make_loader(args.model, args.draft, tree_kwargs(args), args.tree,
+                              draft_source=args.draft_source),
                   settings=settings_from_args(args), model_label=model_label(args.model, args.draft))
     app.plain = args.plain
     app.run()

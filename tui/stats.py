@@ -68,6 +68,10 @@ def snapshot_response(r: Any) -> dict:
             out[name] = _num(v, int)
         else:
             out[name] = _num(v)
+    src = getattr(r, "source_tokens", None)
+    if isinstance(src, dict) and getattr(r, "speculative", True):
+        # accepted drafted tokens per source so far: {"eagle": n, "ngram": n, "both": n}
+        out["source_tokens"] = {str(k): _num(n, int) or 0 for k, n in src.items()}
     return out
 
 

@@ -204,6 +204,9 @@ class StatsPanel(VerticalScroll):
         v["peak_memory"] = _memory(s.latest.get("peak_memory") if s else None)
         frac = ctx.get("draft_fraction")
         v["draft_share"] = _fmt(frac * 100 if frac is not None else None, ".0f", "%")
+        src = s.latest.get("source_tokens") if s else None
+        if src:
+            v["sources"] = f"{src.get('eagle', 0)} / {src.get('ngram', 0)} / {src.get('both', 0)}"
         self.values = v
 
         head = Text()
@@ -243,6 +246,9 @@ class StatsPanel(VerticalScroll):
         self._row(body, "first token", v["ttft"])
         self._row(body, "peak memory", v["peak_memory"])
         self._row(body, "from draft", v["draft_share"], end="")
+        if "sources" in v:
+            body.append("\n")
+            self._row(body, "head/n-gram/both", v["sources"], end="")
         if ctx.get("coloured"):
             body.append("\n\n")
             body.append(" draft ", DRAFT_STYLE)

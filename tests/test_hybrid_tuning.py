@@ -1,0 +1,134 @@
+"""Hybrid drafting as the default: per-source calibration, the online tuner's
+head-only accounting, bench comparing sources against one plain run, and the
+chat without a head."""
+
+import json
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from eagle3_mlx import bench, calibrate as C, testing
+from eagle3_mlx.head import save_head
+from eagle3_mlx.hybrid import NgramAcceptance
+from eagle3_mlx.tree import TreeSpec
+
+
+def test_calibration_measures_ngram_acceptance_per_match_length():
+    rng = random.Random(0)
+    span = [rng.randrange(100, 200) for _ in range(40)]
+    # the continuation copies a span of the prompt: long matches, accepted to the end
+    copied = C.measure_ngram_acceptance([([1, 2] + span + [3], span[:30])], max_len=8)
+    # a continuation that keeps starting like the prompt and then differs: proposals, all wrong
+    fresh = C.measure_ngram_acceptance([([5, 6, 7] * 10, [t for k in range(10) for t in (5, 6, 300 + k)])],
+                                       max_len=8)
+    long_ = {n: c for n, c in copied.items() if n >= 4}
+    assert long_, copied
+    acc, rej = map(sum, zip(*long_.values()))
+    assert acc / (acc + rej) > 0.9
+    f_acc, f_rej = map(sum, zip(*fresh.values()))
+    assert f_rej >= 10 and f_acc / (f_acc + f_rej) < 0.25
+    # the counts are NgramAcceptance's own: replaying them gives the same rates
+    a = NgramAcceptance()
+    for n, (k, r) in copied.items():
+        a.accepted[n], a.rejected[n] = k, r
+    assert a.counts() == copied
+
+
+def test_measured_prior_seeds_the_rate_and_live_counts_take_over():
+    a = NgramAcceptance.from_measured({4: [900, 100], 2: [5, 95]})
+    assert a.rate(4) > 0.85 and a.rate(2) < 0.2
+    assert a.rate(7) == pytest.approx(NgramAcceptance().rate(7))     # unmeasured: generic prior
+    for _ in range(40):                                              # this conversation disagrees
+        a.update(4, (1, 2, 3), (9, 9, 9))
+    assert a.rate(4) < 0.5
+
+
+def test_calibration_round_trips_ngram_counts():
+    cal = C.Calibration(key={"k": 1}, costs=C.CostModel({1: 10.0, 2: 11.0}, {1: (0.5, 0.3)}),
+                        acceptance=C.AcceptanceModel.prior(), ngram={3: [10, 2]})
+    back = C.Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert back.ngram == {3: [10, 2]}
+
+
+def _step(index, sources):
+    """The responses of one engine step: accepted drafts with their sources, then the bonus."""
+    toks = list(sources) + [""]
+    return [SimpleNamespace(speculative=True, new_step=j == 0, step_index=index, step_tokens=len(toks),
+                            source=s, from_draft=bool(s)) for j, s in enumerate(toks)]
+
+
+def test_online_tuner_credits_the_head_only_with_its_own_tokens():
+    eng = SimpleNamespace(spec=TreeSpec(2, 3, 8))
+    cal = C.Calibration(key={}, costs=C.CostModel({1: 10.0, 2: 11.0}, {2: (0.5, 0.3)}),
+                        acceptance=C.AcceptanceModel.prior())
+    tuner = C.OnlineTuner(eng, cal, save=False)
+    for r in (_step(1, ["eagle", "ngram", "ngram", "ngram"])     # head right once, then the n-gram ran on
+              + _step(2, ["both", "eagle"])                       # head right twice
+              + _step(3, ["ngram", "ngram"])                      # head wrong at once
+              + _step(4, [])):                                    # nothing accepted
+        tuner.observe(r)
+    # head tokens per step: 2, 3, 1, 1 (the target's own token plus the head's leading run)
+    assert tuner.observed() == (4, 7)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hybrid-bench")
+    testing.make_tiny_target(d / "target", "qwen2")
+    model, _ = testing.load_tiny_target(d / "target")
+    save_head(testing.make_random_head(model), d / "head")
+    return d / "target", d / "head"
+
+
+def test_bench_compares_sources_against_one_plain_run(pair, tmp_path, monkeypatch, capsys):
+    target, head = pair
+    plain_calls = []
+    real_plain = bench.run_plain
+    monkeypatch.setattr(bench, "run_plain", lambda *a, **k: plain_calls.append(1) or real_plain(*a, **k))
+    pf = tmp_path / "p.jsonl"
+    # a prompt that repeats itself: the n-gram source has something to propose
+    pf.write_text("\n".join(json.dumps(o) for o in [
+        {"prompt": "abc abc abc abc abc abc abc abc", "category": "copy"},
+        {"prompt": "def add(a, b):", "category": "coding"},
+    ]) + "\n")
+    out = tmp_path / "r.json"
+    rc = bench.main(["--model", str(target), "--draft", str(head), "--prompts", str(pf), "--max-tokens", "24",
+                     "--tree", "2,2,6", "--draft-source", "hybrid,eagle,ngram", "--json", str(out),
+                     "--no-progress", "--no-warmup", "--dtype", "float32"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert len(plain_calls) == 2                        # one plain run per prompt, shared
+    assert list(res["sources"]) == ["hybrid", "eagle", "ngram"]
+    assert res["config"]["draft_source"] == "hybrid,eagle,ngram"
+    for src, v in res["sources"].items():
+        s = v["summary"]
+        assert s["identical"] == s["compared"] == 2     # lossless whatever drafts
+        if src == "eagle":
+            assert s["source_tokens"]["ngram"] == s["source_tokens"]["both"] == 0
+        if src == "ngram":
+            assert s["source_tokens"]["eagle"] == s["source_tokens"]["both"] == 0
+    assert res["total"] == res["sources"]["hybrid"]["summary"]   # the first source is the headline
+    text = capsys.readouterr().out
+    assert "hybrid tau" in text and "ngram x" in text
+
+
+def test_bench_refuses_an_unknown_source(pair, capsys):
+    target, head = pair
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--model", str(target), "--draft", str(head), "--draft-source", "eagle,magic"])
+    assert e.value.code == 2
+    assert "magic" in capsys.readouterr().err
+
+
+def test_chat_smoke_without_a_head_speculates_from_ngrams(pair, capsys):
+    from eagle3_mlx.tui import cli
+
+    target, _ = pair
+    rc = cli.main(["--model", str(target), "--max-tokens", "16", "--smoke", "abc abc abc abc abc abc"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    stats = captured.out.strip().splitlines()[-1]
+    assert stats.startswith("[16 tokens · ")
+    assert "accepted by source eagle 0, ngram" in stats
+    assert "no draft head" in captured.err
