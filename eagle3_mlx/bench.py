@@ -307,7 +307,7 @@ def run_bench(engine, prompts: List[BenchPrompt], *, trees: List[TreeSpec], turn
     sources = list(sources or [None])
     configs = [(t, src) for t in trees for src in sources]
     labels = [config_label(t, src, sources) for t, src in configs]
-    ngram_start = copy.deepcopy(engine.ngram_acceptance)
+    ngram_start = copy.deepcopy(engine.ngram_acceptance)   # node_costs are constant
     done = dict(done or {})
     n_items = sum(min(turns, len(p.turns)) for p in prompts)
     todo = {(key, t): [lab for lab in labels if (lab, key, t) not in done]
@@ -688,8 +688,8 @@ def main(argv=None) -> int:
     else:
         tree = fixed
         log(f"tree: {tree}")
-    # hybrid trees rank n-gram candidates by the acceptance calibration measured
-    cal_mod.seed_ngram_acceptance(engine, calibration)
+    # hybrid trees rank and size n-gram candidates by what calibration measured
+    cal_mod.seed_hybrid(engine, calibration)
     sources = args.draft_source
     trees = [tree] + [g for g in grid if tree_label(g) != tree_label(tree)]
     n_items = sum(min(args.turns, len(p.turns)) for p in prompts)

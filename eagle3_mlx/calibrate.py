@@ -1170,20 +1170,24 @@ def apply_tree(engine, tree_arg="auto", **kw) -> TreeSpec:
     the engine's ranking of n-gram against head candidates."""
     spec = resolve_tree(engine, tree_arg, **kw)
     engine.set_tree(top_k=spec.top_k, depth=spec.depth, total_tokens=spec.total_tokens)
-    seed_ngram_acceptance(engine, directory=kw.get("directory"))
+    seed_hybrid(engine, directory=kw.get("directory"))
     return spec
 
 
-def seed_ngram_acceptance(engine, calibration: Optional[Calibration] = None,
-                          directory: Optional[Path] = None) -> bool:
-    """Start the engine's n-gram acceptance from the calibration's measurement
-    (True if there was one)."""
-    from .hybrid import NgramAcceptance
+def seed_hybrid(engine, calibration: Optional[Calibration] = None,
+                directory: Optional[Path] = None) -> bool:
+    """Give the engine what hybrid trees are ranked and sized with: the n-gram
+    acceptance calibration measured, and this machine's verify cost per width
+    with the chosen tree's ms per token (True if a calibration was there)."""
+    from .hybrid import NgramAcceptance, NodeCosts
 
     cal = calibration or load_calibration(calibration_key(engine.model, engine.head), directory)
-    if cal is None or not cal.ngram:
+    if cal is None:
         return False
-    engine.ngram_acceptance = NgramAcceptance.from_measured(cal.ngram)
+    if cal.ngram:
+        engine.ngram_acceptance = NgramAcceptance.from_measured(cal.ngram)
+    choice = cal.choice or cal.pick()[0]
+    engine.node_costs = NodeCosts(cal.costs.verify_ms, choice.step_ms / max(choice.tau, 1.0))
     return True
 
 

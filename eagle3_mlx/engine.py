@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .head import Eagle3Head, HeadError
-from .hybrid import EAGLE, NGRAM, NgramAcceptance, check_source, merge_tree
+from .hybrid import EAGLE, NGRAM, NgramAcceptance, NodeCosts, check_source, merge_tree
 from .ngram import ContextMatcher
 from .target import TargetModel, compact_cache, trim_cache
 from .tree import TreeSpec, draft_tree
@@ -135,6 +135,9 @@ class Engine:
         self.ngram_tokens, self.ngram_candidates = ngram_tokens, ngram_candidates
         self.ngram_min_score = ngram_min_score
         self.ngram_acceptance = NgramAcceptance()
+        # Calibrated verify costs: n-gram nodes then join a hybrid tree only when
+        # their expected accepted tokens pay for the wider verify (see hybrid.py).
+        self.node_costs: Optional[NodeCosts] = None
         self.matcher = ContextMatcher()
         self.spec = self._check_tree(TreeSpec(top_k, depth, total_tokens))
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
@@ -293,7 +296,7 @@ class Engine:
         if eagle is not None:
             mx.eval(eagle.tokens, eagle.parents, eagle.scores)
         merged = merge_tree(root_h, cands, self.ngram_acceptance, self.max_tree_nodes(source),
-                            self.ngram_min_score, eagle)
+                            self.ngram_min_score, eagle, self.node_costs)
         return merged.tree, merged
 
     def max_tree_nodes(self, source: str) -> int:

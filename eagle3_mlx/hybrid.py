@@ -31,8 +31,9 @@ be removed twice), which is why merging shares prefixes.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -102,6 +103,32 @@ class NgramAcceptance:
 
 
 @dataclass
+class NodeCosts:
+    """What verifying more nodes costs and what an accepted token is worth, in
+    ms, from this machine's calibration. Adding nodes with acceptance
+    probabilities p_i at a verify cost dC raises tokens/s exactly when
+    sum(p_i) * token_ms > dC, with token_ms = step ms / tokens per step."""
+
+    verify_ms: Dict[int, float]          # tree width -> verify ms, non-decreasing
+    token_ms: float
+
+    def __post_init__(self):
+        self._ws = sorted(int(w) for w in self.verify_ms)
+        self._ms = [float(self.verify_ms[w]) for w in self._ws]
+
+    def verify(self, width: int) -> float:
+        ws, ms = self._ws, self._ms
+        i = bisect.bisect_left(ws, width)
+        if i < len(ws) and ws[i] == width:
+            return ms[i]
+        if len(ws) == 1:
+            return ms[0]
+        i = min(max(i, 1), len(ws) - 1)             # interpolate, or extrapolate past the ends
+        w0, w1, m0, m1 = ws[i - 1], ws[i], ms[i - 1], ms[i]
+        return m0 + (m1 - m0) * (width - w0) / (w1 - w0)
+
+
+@dataclass
 class MergedTree:
     tree: DraftTree
     sources: List[int]                  # per node: EAGLE / NGRAM bits (root 0)
@@ -109,9 +136,12 @@ class MergedTree:
 
 
 def merge_tree(root_token: int, candidates: Sequence[Candidate], acceptance: NgramAcceptance,
-               max_nodes: int, min_score: float, eagle: Optional[DraftTree] = None) -> MergedTree:
+               max_nodes: int, min_score: float, eagle: Optional[DraftTree] = None,
+               costs: Optional[NodeCosts] = None) -> MergedTree:
     """Merge the head's tree and the n-gram candidates into at most ``max_nodes``
-    nodes; n-gram nodes scoring below ``min_score`` are not worth their verify cost."""
+    nodes; n-gram nodes scoring below ``min_score`` are not worth their verify
+    cost. With ``costs`` (calibrated) the n-gram-only nodes are further cut to
+    the best-scoring ones whose expected accepted tokens pay for the wider verify."""
     tokens, parents, scores, sources = [int(root_token)], [0], [1.0], [0]
     child = {}
     if eagle is not None:
@@ -124,10 +154,11 @@ def merge_tree(root_token: int, candidates: Sequence[Candidate], acceptance: Ngr
             parents.append(e_par[i])
             scores.append(e_sc[i])
             sources.append(EAGLE)
-    proposals = []
+    paths = []
     for cand in candidates:
         a = acceptance.rate(cand.match_len)
         node, s, used = 0, 1.0, 0
+        path = []
         for t in cand.tokens:
             s *= a
             if s < min_score:
@@ -144,11 +175,50 @@ def merge_tree(root_token: int, candidates: Sequence[Candidate], acceptance: Ngr
                 scores[nxt] = max(scores[nxt], s)
                 sources[nxt] |= NGRAM
             node, used = nxt, used + 1
-        if used:
-            proposals.append((cand.match_len, tuple(cand.tokens[:used])))
+            path.append(nxt)
+        paths.append((cand, path))
+    if costs is not None:
+        tokens, parents, scores, sources, paths = _admit(tokens, parents, scores, sources, paths,
+                                                         costs, max_nodes)
+    proposals = [(cand.match_len, tuple(cand.tokens[:len(path)])) for cand, path in paths if path]
     if eagle is not None and len(tokens) == eagle.size and eagle.size <= max_nodes:
         return MergedTree(eagle, sources, proposals)   # nothing added: keep the device tree
     return MergedTree(*_build(tokens, parents, scores, sources, max_nodes), proposals)
+
+
+def _admit(tokens, parents, scores, sources, paths, costs: NodeCosts, max_nodes: int):
+    """Keep the n-gram-only nodes worth their verify cost: the m best by score
+    (parents first: scores never rise along a path) maximising
+    sum(score) * token_ms - (verify(T0 + m) - verify(T0)), T0 the other nodes."""
+    extra = [i for i in range(1, len(tokens)) if sources[i] == NGRAM]
+    if not extra:
+        return tokens, parents, scores, sources, paths
+    depth = [0] * len(tokens)
+    for i in range(1, len(tokens)):
+        depth[i] = depth[parents[i]] + 1
+    extra.sort(key=lambda i: (-scores[i], depth[i], i))
+    base = min(len(tokens) - len(extra), max_nodes)
+    best_m, best_gain, gain = 0, 0.0, 0.0
+    for m, i in enumerate(extra[:max(0, max_nodes - base)], start=1):
+        gain += scores[i] * costs.token_ms
+        net = gain - (costs.verify(base + m) - costs.verify(base))
+        if net > best_gain:
+            best_m, best_gain = m, net
+    drop = set(extra[best_m:])
+    keep = [i for i in range(len(tokens)) if i not in drop]      # parents before children still
+    new = {old: j for j, old in enumerate(keep)}
+    paths = [(cand, [new[n] for n in _prefix_kept(path, drop)]) for cand, path in paths]
+    return ([tokens[i] for i in keep], [new[parents[i]] if i else 0 for i in keep],
+            [scores[i] for i in keep], [sources[i] for i in keep], paths)
+
+
+def _prefix_kept(path, drop):
+    out = []
+    for n in path:
+        if n in drop:
+            break
+        out.append(n)
+    return out
 
 
 def _build(tokens, parents, scores, sources, max_nodes):

@@ -132,3 +132,23 @@ def test_chat_smoke_without_a_head_speculates_from_ngrams(pair, capsys):
     assert stats.startswith("[16 tokens · ")
     assert "accepted by source eagle 0, ngram" in stats
     assert "no draft head" in captured.err
+
+
+def test_costly_verify_admits_only_ngram_nodes_that_pay():
+    from eagle3_mlx.hybrid import NGRAM, NodeCosts, merge_tree
+    from eagle3_mlx.ngram import Candidate
+
+    cands = [Candidate(4, (11, 12, 13, 14, 15, 16)), Candidate(2, (21, 22, 23))]
+    acc = NgramAcceptance(measured_prior={4: (99.0, 1.0), 2: (3.0, 7.0)})   # rate 0.99 and 0.3
+    flat = NodeCosts({1: 100.0, 32: 100.0}, token_ms=50.0)             # wider verify is free
+    steep = NodeCosts({1: 100.0, 2: 130.0, 32: 1000.0}, token_ms=50.0)  # +30 ms per node
+    free = merge_tree(5, cands, acc, 16, 0.1, costs=flat)
+    assert free.tree.size == 1 + 6 + 1                                  # 0.3^2 < 0.1 cuts the second
+    paid = merge_tree(5, cands, acc, 16, 0.1, costs=steep)
+    # 0.99^d * 50 ms > 30 ms for d <= 6 (0.99^6 = 0.94); 0.3 * 50 = 15 ms < 30 ms: dropped
+    assert paid.tree.tokens.tolist() == [5, 11, 12, 13, 14, 15, 16]
+    assert paid.sources == [0] + [NGRAM] * 6
+    # what the engine learns from: only the tokens that stayed in the tree
+    assert paid.proposals == [(4, (11, 12, 13, 14, 15, 16))]
+    assert free.proposals == [(4, (11, 12, 13, 14, 15, 16)), (2, (21,))]
+    assert NodeCosts({1: 10.0, 3: 30.0}, 1.0).verify(2) == 20.0
