@@ -22,6 +22,8 @@ import signal
 import socket
 import sys
 
+import uvicorn
+
 # Answers stop at the context limit anyway; this bounds one request's engine time.
 DEFAULT_MAX_TOKENS_LIMIT = 8192
 DEFAULT_QUEUE_SIZE = 16
@@ -141,8 +143,6 @@ def serve_main(argv=None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     _validate(args, parser)
 
-    import uvicorn
-
     from ..tui.errors import ChatSetupError
     from .app import create_app
     from .worker import EngineWorker
@@ -185,26 +185,17 @@ def serve_main(argv=None) -> int:
     return 0
 
 
-def _server_class():
-    import uvicorn
+class _Server(uvicorn.Server):
+    """uvicorn's server that also stops the engine worker on SIGTERM/SIGINT, so
+    the running generation ends at its next step instead of holding shutdown."""
 
-    class Server(uvicorn.Server):
-        """uvicorn's server that also stops the engine worker on SIGTERM/SIGINT, so
-        the running generation ends at its next step instead of holding shutdown."""
+    def __init__(self, config, worker):
+        super().__init__(config)
+        self.worker = worker
 
-        def __init__(self, config, worker):
-            super().__init__(config)
-            self.worker = worker
-
-        def handle_exit(self, sig, frame):
-            self.worker.shutdown()
-            super().handle_exit(sig, frame)
-
-    return Server
-
-
-def _Server(config, worker):
-    return _server_class()(config, worker)
+    def handle_exit(self, sig, frame):
+        self.worker.shutdown()
+        super().handle_exit(sig, frame)
 
 
 if __name__ == "__main__":
