@@ -273,3 +273,28 @@ def test_readme_chat_section_lists_every_key():
     for keys, _ in KEYS:
         for key in keys.split(" / "):
             assert f"`{key}`" in section, key
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is a Linux feature")
+def test_ui_thread_priority_is_lowered_for_that_thread_only():
+    import os
+    import threading
+
+    from eagle3_mlx.tui.app import UI_NICE, lower_ui_thread_priority
+
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def ui_thread():
+        tid = threading.get_native_id()
+        seen["before"] = os.getpriority(os.PRIO_PROCESS, tid)
+        lower_ui_thread_priority()
+        lower_ui_thread_priority()          # idempotent: not lowered twice
+        seen["after"] = os.getpriority(os.PRIO_PROCESS, tid)
+
+    t = threading.Thread(target=ui_thread)
+    t.start()
+    t.join()
+    assert seen["after"] == max(seen["before"], UI_NICE)
+    # the other threads (here: the engine's role) keep their priority
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
