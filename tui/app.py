@@ -56,6 +56,10 @@ class Turn:
 # panel redrawn twice a second, which reads as live and costs the engine little.
 STATS_REFRESH_S = 0.5
 UI_NICE = 5
+# MLX releases the GIL while it computes, but the engine thread needs it back
+# between every op and transfer; while the UI renders, each such wait could
+# last CPython's default 5 ms switch interval. 0.5 ms hands it over sooner.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def lower_ui_thread_priority(nice: int = UI_NICE) -> None:
@@ -144,9 +148,13 @@ class ChatApp(App):
         self.set_interval(STATS_REFRESH_S, self._refresh_if_dirty)
         self.engine_thread.start()
         lower_ui_thread_priority()  # after the engine thread exists: it keeps the normal priority
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, GIL_SWITCH_INTERVAL_S))
 
     async def on_unmount(self) -> None:
         self.engine_thread.close(timeout=2.0)
+        if getattr(self, "_switch_interval", None):
+            sys.setswitchinterval(self._switch_interval)
 
     # ------------------------------------------------------------- properties
     @property
