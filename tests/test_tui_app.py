@@ -298,3 +298,15 @@ def test_ui_thread_priority_is_lowered_for_that_thread_only():
     assert seen["after"] == max(seen["before"], UI_NICE)
     # the other threads (here: the engine's role) keep their priority
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
+
+
+async def test_app_hands_the_gil_over_quickly_while_it_runs_and_restores_it():
+    from eagle3_mlx.tui.app import GIL_SWITCH_INTERVAL_S
+
+    before = sys.getswitchinterval()
+    assert before > GIL_SWITCH_INTERVAL_S          # CPython's default 5 ms
+    app, _ = fake_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready)
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
+    assert sys.getswitchinterval() == pytest.approx(before)
