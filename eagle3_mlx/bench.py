@@ -435,14 +435,15 @@ def format_sources(by_source: Dict[str, dict]) -> str:
     """One line per draft source and category: tau and speedup side by side."""
     cats = sorted({c for v in by_source.values() for c in v["categories"]})
     names = list(by_source)
-    head = f"{'category':<11} " + " ".join(f"{n + ' tau':>11} {n + ' x':>9}" for n in names)
+    w = max(len(c) for c in cats + ["category", "overall"])
+    head = f"{'category':<{w}} " + " ".join(f"{n + ' tau':>11} {n + ' x':>9}" for n in names)
     lines = [head]
     for c in cats + ["overall"]:
         cells = []
         for n in names:
             v = by_source[n]["summary"] if c == "overall" else by_source[n]["categories"].get(c, {})
             cells.append(f"{_f(v.get('tau')):>11} {_f(v.get('speedup'), '{:.2f}x'):>9}")
-        lines.append(f"{c:<11} " + " ".join(cells))
+        lines.append(f"{c:<{w}} " + " ".join(cells))
     return "\n".join(lines)
 
 
