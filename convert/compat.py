@@ -74,10 +74,11 @@ def head_target_problems(head_config, target_config) -> list:
         if len(ids) != 3:
             problems.append(f"{where} has {len(ids)} entries; an EAGLE-3 head reads exactly 3 target layers")
         # HF hidden-states index k = the input of decoder layer k (0 = embedding
-        # output); the engine captures before layers 0..L-1.
-        bad = [i for i in ids if not isinstance(i, int) or i < 0 or i >= tl]
+        # output); k = L is the last layer's output before the final norm (read by
+        # e.g. NVIDIA's gpt-oss heads). The engine captures all of 0..L.
+        bad = [i for i in ids if not isinstance(i, int) or i < 0 or i > tl]
         if bad:
-            problems.append(f"{where} {ids} out of range for a target with {tl} layers (valid: 0..{tl - 1})")
+            problems.append(f"{where} {ids} out of range for a target with {tl} layers (valid: 0..{tl})")
     return problems
 
 

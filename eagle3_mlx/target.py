@@ -11,7 +11,17 @@ One loop gives everything speculative decoding needs from the target:
 
 Aux layer convention: an id k is the HF ``output_hidden_states[k]`` index, i.e.
 the residual stream *entering* decoder layer k (0 is the embedding output),
-without the final norm. Default ``[2, L//2, L-3]``.
+without the final norm. k = L (the number of decoder layers) is the output of
+the last decoder layer, still before the final norm, as heads such as NVIDIA's
+gpt-oss EAGLE-3 ([24, 30, 36] for L = 36) read it. Default ``[2, L//2, L-3]``.
+
+Families: dense llama/mistral/qwen2/qwen3/gemma3_text, and the mixture-of-experts
+qwen3_moe and gpt_oss. The MoE blocks route each token on its own row (router
+top-k and a gather matmul per row), so tree tokens need nothing beyond the tree
+mask and their positions. gpt_oss adds attention sinks (an extra logit per head
+inside ``mx.fast.scaled_dot_product_attention``, combined with whatever mask is
+passed) and YaRN RoPE (its mscale multiplies q and k inside the RoPE module,
+which the position wrapper calls unchanged).
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from .head import apply_rope
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "gpt_oss")
 
 
 class UnsupportedModelError(ValueError):
@@ -78,10 +88,11 @@ class TargetModel:
         self.max_position_embeddings = getattr(args, "max_position_embeddings", None)
         self.aux_layer_ids = list(aux_layer_ids or default_aux_layer_ids(self.num_layers))
         for i in self.aux_layer_ids:
-            if not 0 <= i < self.num_layers:
+            # 0..L-1: input of that layer; L: output of the last layer (pre-norm).
+            if not 0 <= i <= self.num_layers:
                 raise UnsupportedModelError(
                     f"aux layer id {i} is outside the target's {self.num_layers} decoder layers "
-                    f"(HF hidden_states index convention: 0..{self.num_layers - 1})"
+                    f"(HF hidden_states index convention: 0..{self.num_layers})"
                 )
         self._capture = {}
         for slot, i in enumerate(self.aux_layer_ids):
@@ -89,6 +100,8 @@ class TargetModel:
 
         self.is_gemma = self.model_type.startswith("gemma")
         self.windows = self._layer_windows(args)
+        # gpt_oss: every attention layer carries per-head sink logits.
+        self.has_sinks = any("sinks" in layer.self_attn for layer in self.layers)
         # Wrap each layer's RoPE once per model; adapters created later on the
         # same model share the wrappers' position state.
         first = self.layers[0].self_attn.rope
@@ -112,8 +125,13 @@ class TargetModel:
             return [None if i % p == p - 1 else args.sliding_window for i in range(L)]
         if self.model_type in ("llama", "mistral"):
             return [args.sliding_window if layer.use_sliding else None for layer in self.layers]
-        if self.model_type in ("qwen2", "qwen3"):
-            # mlx-lm's qwen2/qwen3 attend over the full context.
+        if self.model_type == "gpt_oss":
+            # mlx-lm gives these layers a RotatingKVCache(max_size=sliding_window),
+            # which cannot rewind once it wraps; a full cache + window mask can.
+            return [args.sliding_window if t == "sliding_attention" else None
+                    for t in self.inner.layer_types]
+        if self.model_type in ("qwen2", "qwen3", "qwen3_moe"):
+            # mlx-lm's qwen2/qwen3/qwen3_moe attend over the full context.
             return [None] * L
         return [None] * L
 
@@ -132,7 +150,18 @@ class TargetModel:
             return self.model.lm_head(h)
         return self.inner.embed_tokens.as_linear(h)
 
+    def check_kv_bits(self, kv_bits: Optional[int]):
+        """Refuse a quantized KV cache the model cannot attend over (one line)."""
+        if kv_bits and self.has_sinks:
+            raise UnsupportedModelError(
+                f"{self.model_type}: a quantized KV cache (kv_bits={kv_bits}) is not supported: "
+                "mlx-lm's quantized attention has no attention sinks; use an unquantized KV cache"
+            )
+
     def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64):
+        """One full (never rotating) cache per layer: sliding layers get a window
+        mask instead, so trimming and compaction stay exact past the window."""
+        self.check_kv_bits(kv_bits)
         if kv_bits:
             return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in self.layers]
         return [KVCache() for _ in self.layers]
@@ -184,6 +213,8 @@ class TargetModel:
                 f"{self.model_type}: its RoPE (dynamic NTK) cannot take per-token positions; "
                 "use chain mode (top_k=1)"
             )
+        if self.has_sinks and cache is not None and isinstance(cache[0], QuantizedKVCache):
+            self.check_kv_bits(cache[0].bits)  # e.g. an engine quantizing after prefill
         T = tokens.shape[1]
         offset = cache[0].offset if cache is not None else 0
         masks = self._masks(T, offset, tree_mask, positions)
@@ -197,6 +228,8 @@ class TargetModel:
                 h = layer(h, masks[self.windows[i]], cache[i] if cache is not None else None)
         finally:
             self._state.positions = None
+        for slot in self._capture.get(self.num_layers, ()):
+            captured[slot] = h  # aux id L: the last layer's output, before the final norm
         features = mx.concatenate(captured, axis=-1)
         if logits_rows is not None:
             h = h[:, logits_rows]

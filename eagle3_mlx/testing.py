@@ -115,6 +115,17 @@ FAMILY_DEFAULTS = {
         sliding_window=12,
         sliding_window_pattern=2,
     ),
+    # Mixture of experts: 8 experts, 2 per token, every layer sparse.
+    "qwen3_moe": dict(model_type="qwen3_moe", rope_theta=1000000.0, tie_word_embeddings=False,
+                      num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1,
+                      mlp_only_layers=[], moe_intermediate_size=32, norm_topk_prob=True),
+    # gpt-oss: attention sinks, YaRN RoPE (mscale != 1), alternating sliding /
+    # full layers. The window is shrunk from 128 so short prompts pass it.
+    "gpt_oss": dict(model_type="gpt_oss", rope_theta=150000.0, num_hidden_layers=4,
+                    num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                    sliding_window=16,
+                    rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                                      original_max_position_embeddings=4096)),
 }
 
 
@@ -145,6 +156,10 @@ def _init_weights(model: nn.Module, seed: int, scale: float, layer_scale: float 
     for name, p in params:
         if name.endswith("norm.weight") or "layernorm" in name:
             new.append((name, mx.ones_like(p) if "gemma" not in type(model).__module__ else mx.zeros_like(p)))
+        elif name.endswith(".sinks"):
+            # Attention-sink logits of order one, so the sink takes a real share
+            # of each attention row (gpt_oss) and tests see it.
+            new.append((name, mx.random.normal(p.shape)))
         else:
             s = layer_scale if (layer_scale is not None and ".layers." in f".{name}") else scale
             new.append((name, mx.random.normal(p.shape) * s))

@@ -241,8 +241,10 @@ def test_compat_check_names_the_numbers():
     head = HeadConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                       vocab_size=384, draft_vocab_size=96, target_hidden_size=64, aux_layer_ids=[2, 3, 8])
     check_head_against_target(head, {"hidden_size": 64, "vocab_size": 384, "num_hidden_layers": 9})
+    # id L (the last layer's output before the final norm) is readable
+    check_head_against_target(head, {"hidden_size": 64, "vocab_size": 384, "num_hidden_layers": 8})
     with pytest.raises(HeadTargetMismatch, match=r"valid: 0\.\.7"):
-        check_head_against_target(head, {"hidden_size": 64, "vocab_size": 384, "num_hidden_layers": 8})
+        check_head_against_target(head, {"hidden_size": 64, "vocab_size": 384, "num_hidden_layers": 7})
     with pytest.raises(HeadTargetMismatch) as e:
         check_head_against_target(head, {"hidden_size": 128, "vocab_size": 500, "num_hidden_layers": 6})
     msg = str(e.value)
