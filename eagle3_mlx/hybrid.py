@@ -157,7 +157,7 @@ def merge_tree(root_token: int, candidates: Sequence[Candidate], acceptance: Ngr
     paths = []
     for cand in candidates:
         a = acceptance.rate(cand.match_len)
-        node, s, used = 0, 1.0, 0
+        node, s = 0, 1.0
         path = []
         for t in cand.tokens:
             s *= a
@@ -174,7 +174,7 @@ def merge_tree(root_token: int, candidates: Sequence[Candidate], acceptance: Ngr
             else:
                 scores[nxt] = max(scores[nxt], s)
                 sources[nxt] |= NGRAM
-            node, used = nxt, used + 1
+            node = nxt
             path.append(nxt)
         paths.append((cand, path))
     if costs is not None:
