@@ -8,8 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from eagle3_mlx import bench, calibrate as C, testing
-from eagle3_mlx.head import save_head
+from eagle3_mlx import bench, calibrate as C
 from eagle3_mlx.hybrid import NgramAcceptance
 from eagle3_mlx.tree import TreeSpec
 
@@ -72,17 +71,8 @@ def test_online_tuner_credits_the_head_only_with_its_own_tokens():
     assert tuner.observed() == (4, 7)
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hybrid-bench")
-    testing.make_tiny_target(d / "target", "qwen2")
-    model, _ = testing.load_tiny_target(d / "target")
-    save_head(testing.make_random_head(model), d / "head")
-    return d / "target", d / "head"
-
-
-def test_bench_compares_sources_against_one_plain_run(pair, tmp_path, monkeypatch, capsys):
-    target, head = pair
+def test_bench_compares_sources_against_one_plain_run(tiny_pair, tmp_path, monkeypatch, capsys):
+    target, head = tiny_pair
     plain_calls = []
     real_plain = bench.run_plain
     monkeypatch.setattr(bench, "run_plain", lambda *a, **k: plain_calls.append(1) or real_plain(*a, **k))
@@ -113,18 +103,18 @@ def test_bench_compares_sources_against_one_plain_run(pair, tmp_path, monkeypatc
     assert "hybrid tau" in text and "ngram x" in text
 
 
-def test_bench_refuses_an_unknown_source(pair, capsys):
-    target, head = pair
+def test_bench_refuses_an_unknown_source(tiny_pair, capsys):
+    target, head = tiny_pair
     with pytest.raises(SystemExit) as e:
         bench.main(["--model", str(target), "--draft", str(head), "--draft-source", "eagle,magic"])
     assert e.value.code == 2
     assert "magic" in capsys.readouterr().err
 
 
-def test_chat_smoke_without_a_head_speculates_from_ngrams(pair, capsys):
+def test_chat_smoke_without_a_head_speculates_from_ngrams(tiny_pair, capsys):
     from eagle3_mlx.tui import cli
 
-    target, _ = pair
+    target, _ = tiny_pair
     rc = cli.main(["--model", str(target), "--max-tokens", "16", "--smoke", "abc abc abc abc abc abc"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
