@@ -141,6 +141,7 @@ class Engine:
         self.matcher = ContextMatcher()
         self.spec = self._check_tree(TreeSpec(top_k, depth, total_tokens))
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.target.check_kv_bits(kv_bits)    # e.g. gpt_oss's attention sinks: refused now, not mid-answer
         if kv_bits:
             args = model.args
             hd = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
