@@ -55,6 +55,15 @@ def main(argv=None):
     return 0 if rc is None else rc
 
 
+def add_draft_source_arg(p: argparse.ArgumentParser):
+    """--draft-source, as generate, chat and serve take it (bench takes a list)."""
+    from .hybrid import SOURCES
+
+    p.add_argument("--draft-source", choices=SOURCES, default=None,
+                   help="what drafts the tree: the head (eagle), context n-grams (ngram), or both "
+                        "in one tree (hybrid); default: hybrid with a head, ngram without")
+
+
 def add_tree_args(p: argparse.ArgumentParser):
     p.add_argument("--tree", default="auto",
                    help="draft tree: 'auto' (calibrated for this machine, cached) or "
@@ -112,9 +121,7 @@ def generate_main(argv):
     p.add_argument("--draft", default=None,
                    help="MLX EAGLE-3 head directory (eagle3-mlx convert); without one, context "
                         "n-grams draft (--draft-source ngram)")
-    p.add_argument("--draft-source", choices=("eagle", "ngram", "hybrid"), default=None,
-                   help="what drafts the tree: the head, context n-grams, or both "
-                        "(default: hybrid with --draft, ngram without)")
+    add_draft_source_arg(p)
     p.add_argument("--prompt", "-p", required=True, help="prompt text ('-' reads stdin)")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0)

@@ -35,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: the product's default model)")
     p.add_argument("--draft", help="EAGLE-3 draft head: MLX head directory or Hugging Face repo "
                                    "(without one, --model speculates from context n-grams)")
-    p.add_argument("--draft-source", choices=("eagle", "ngram", "hybrid"), default=None,
-                   help="what drafts the tree: the head, context n-grams, or both "
-                        "(default: hybrid with a head, ngram without)")
+    from eagle3_mlx.cli import add_draft_source_arg
+
+    add_draft_source_arg(p)
     p.add_argument("--system", default="", help="system prompt")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy; default 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")

@@ -33,7 +33,7 @@ GRACEFUL_SHUTDOWN_S = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import add_tree_args
+    from ..cli import add_draft_source_arg, add_tree_args
 
     p = argparse.ArgumentParser(
         prog="eagle3-mlx serve",
@@ -44,9 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: the product's default model with its shipped head)")
     p.add_argument("--draft", help="EAGLE-3 head: MLX head directory or Hugging Face repo "
                                    "(with --model but no --draft, context n-grams draft)")
-    p.add_argument("--draft-source", choices=("eagle", "ngram", "hybrid"), default=None,
-                   help="what drafts the tree: the head, context n-grams, or both "
-                        "(default: the engine's default, as for generate)")
+    add_draft_source_arg(p)
     p.add_argument("--model-name", default=None,
                    help="model id reported by /v1/models and in answers "
                         "(default: the model's directory or repo name)")
