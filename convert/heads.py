@@ -371,7 +371,7 @@ def convert_head(head_src: HeadSource, stage: Path, *, dtype=None, quantize=Fals
     quantize it (if asked) and save it into ``stage``. Returns the head."""
     from eagle3_mlx.head import quantize_head, save_head
 
-    from .compat import HeadTargetMismatch, check_head_against_target
+    from ..compat import HeadTargetMismatch, check_head_against_target
 
     head = head_src.build(dtype=dtype, aux_layer_ids=aux_layer_ids, rope_theta=rope_theta)
     if target_config is not None:

@@ -61,7 +61,7 @@ class GenerationResponse:
 
 def check_compatible(head: Eagle3Head, target: TargetModel):
     """Refuse a head that cannot drive this target (one line naming the sizes)."""
-    from .convert.compat import head_target_problems
+    from .compat import head_target_problems
 
     dims = dict(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
                 num_hidden_layers=target.num_layers)
