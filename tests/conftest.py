@@ -103,6 +103,6 @@ def oracle_head(tiny):
 def tiny_pair(tmp_path_factory):
     """(target dir, head dir) of the tiny chat demo, built once per session for the
     chat, engine-thread and online-tuning tests."""
-    from eagle3_mlx.tui.tiny_demo import build_tiny_demo
+    from eagle3_mlx.testing import build_tiny_demo
 
     return build_tiny_demo(tmp_path_factory.getbasetemp() / "tiny_chat", reuse=True)
