@@ -26,16 +26,19 @@ import argparse
 import hashlib
 import json
 import os
-import platform as _platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import calibrate as cal_mod
+from .default_model import default_paths
+from .files import write_atomic
+from .platform import default_dtype, describe_machine, machine_info
 from .prompts import BenchPrompt, PromptSetError, load_prompts
 from .tree import TreeSpec
+from .tuning.cache import cache_path, quantization_of
+from .tuning.choose import calibrate, parse_tree, seed_hybrid
 
 #: Tree shapes compared by ``--grid`` (top_k, depth, total_tokens): chains,
 #: narrow and wide trees, small to large. The auto-calibrated tree is added.
@@ -47,46 +50,6 @@ DEFAULT_GRID = [
 
 def tree_label(spec: TreeSpec) -> str:
     return f"{spec.top_k},{spec.depth},{spec.num_nodes}"
-
-
-# ----------------------------------------------------------------------------------
-# machine
-# ----------------------------------------------------------------------------------
-
-
-def machine_info() -> dict:
-    import mlx.core as mx
-
-    dev = cal_mod.device_description()
-    try:
-        from importlib.metadata import version
-
-        mlx_lm_version = version("mlx-lm")
-    except Exception:
-        mlx_lm_version = "?"
-    info = {
-        "platform": _platform.platform(),
-        "python": _platform.python_version(),
-        "cpu": dev.get("cpu"),
-        "cpu_count": dev.get("cpu_count"),
-        "backend": dev.get("backend"),
-        "device": dev.get("device_name") or dev.get("cpu"),
-        "mlx": mx.__version__,
-        "mlx_lm": mlx_lm_version,
-        "openblas_preloaded": cal_mod.openblas_loaded(),
-    }
-    if "memory_gb" in dev:
-        info["memory_gb"] = dev["memory_gb"]
-    return info
-
-
-def describe_machine(m: dict) -> str:
-    blas = "OpenBLAS preloaded" if m.get("openblas_preloaded") else "no OpenBLAS"
-    if m.get("backend") != "cpu":
-        blas = ""
-    gpu = f" | GPU {m['device']}" if m.get("backend") != "cpu" else ""
-    return (f"{m['platform']} | CPU {m['cpu']} x{m['cpu_count']}{gpu} | backend {m['backend']}"
-            f"{' | ' + blas if blas else ''} | mlx {m['mlx']} | mlx-lm {m['mlx_lm']}")
 
 
 # ----------------------------------------------------------------------------------
@@ -542,13 +505,6 @@ def settings_mismatch(old: dict, new: dict) -> List[str]:
             if get(old, k) != get(new, k) and not (greedy and k == "seed")]
 
 
-def write_atomic(path: Path, text: str):
-    # temp file + rename: an interrupted write never leaves a truncated result behind.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------
@@ -568,7 +524,7 @@ def _parse_sources(text: str) -> List[str]:
 def _parse_grid(text: Optional[str]) -> List[TreeSpec]:
     if not text:
         return [TreeSpec(*t) for t in DEFAULT_GRID]
-    return [cal_mod.parse_tree(t) for t in text.replace(";", " ").split()]
+    return [parse_tree(t) for t in text.replace(";", " ").split()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -634,7 +590,7 @@ def main(argv=None) -> int:
         return 2
     try:
         prompts = load_prompts(args.prompts, limit=args.limit, categories=args.category)
-        fixed = cal_mod.parse_tree(args.tree)
+        fixed = parse_tree(args.tree)
         grid = _parse_grid(args.grid_trees) if args.grid else []
     except (PromptSetError, ValueError) as e:
         err(str(e))
@@ -644,11 +600,11 @@ def main(argv=None) -> int:
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        model, draft = cal_mod.default_model_paths(args.model, args.draft)
+        model, draft = default_paths(args.model, args.draft)
     except ValueError as e:
         err(str(e))
         return 1
-    dtype = args.dtype or cal_mod.default_dtype()
+    dtype = args.dtype or default_dtype()
     settings = {"model": str(model), "draft": str(draft), "dtype": dtype, "prompts": args.prompts,
                 "turns": args.turns, "max_tokens": args.max_tokens, "temp": args.temp, "seed": args.seed,
                 "system": args.system, "draft_source": ",".join(args.draft_source)}
@@ -681,7 +637,7 @@ def main(argv=None) -> int:
     log(f"machine: {describe_machine(machine)}")
     calibration = None
     if fixed is None:
-        calibration = cal_mod.calibrate(engine, force=args.recalibrate, quick=args.quick_calibration,
+        calibration = calibrate(engine, force=args.recalibrate, quick=args.quick_calibration,
                                         log=log)
         tree = calibration.spec
         log(f"tree: auto -> {tree} (calibrated: expected tau {calibration.choice.tau:.2f}, "
@@ -690,7 +646,7 @@ def main(argv=None) -> int:
         tree = fixed
         log(f"tree: {tree}")
     # hybrid trees rank and size n-gram candidates by what calibration measured
-    cal_mod.seed_hybrid(engine, calibration)
+    seed_hybrid(engine, calibration)
     sources = args.draft_source
     trees = [tree] + [g for g in grid if tree_label(g) != tree_label(tree)]
     n_items = sum(min(args.turns, len(p.turns)) for p in prompts)
@@ -735,7 +691,7 @@ def main(argv=None) -> int:
 
     model_desc = {
         "model": str(model), "draft": str(draft), "dtype": dtype,
-        "quantization": cal_mod.quantization_of(engine.model),
+        "quantization": quantization_of(engine.model),
         "model_type": engine.target.model_type, "layers": engine.target.num_layers,
         "hidden_size": engine.target.hidden_size, "vocab_size": engine.target.vocab_size,
     }
@@ -774,7 +730,7 @@ def main(argv=None) -> int:
     if calibration is not None:
         result["calibration"] = {
             "choice": calibration.choice.to_dict(),
-            "cache_file": str(cal_mod.cache_path(calibration.key)),
+            "cache_file": str(cache_path(calibration.key)),
             "verify_ms": calibration.costs.to_dict()["verify_ms"],
             "acceptance_top1": [round(x, 4) for x in calibration.acceptance.top1_rates()],
         }

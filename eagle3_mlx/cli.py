@@ -12,7 +12,7 @@ COMMANDS = {
     "chat": ("eagle3_mlx.tui.cli", "main", "terminal chat with live speculation statistics"),
     "train": ("eagle3_mlx.train.cli", "main", "train an EAGLE-3 head for a target"),
     "bench": ("eagle3_mlx.bench", "main", "measure speedup against plain mlx-lm decoding"),
-    "calibrate": ("eagle3_mlx.calibrate", "main", "pick the best draft tree for this machine"),
+    "calibrate": ("eagle3_mlx.tuning.report", "main", "pick the best draft tree for this machine"),
     "serve": ("eagle3_mlx.server.cli", "serve_main", "OpenAI-compatible HTTP server"),
 }
 
@@ -64,58 +64,9 @@ def add_draft_source_arg(p: argparse.ArgumentParser):
                         "in one tree (hybrid); default: hybrid with a head, ngram without")
 
 
-def add_tree_args(p: argparse.ArgumentParser):
-    p.add_argument("--tree", default="auto",
-                   help="draft tree: 'auto' (calibrated for this machine, cached) or "
-                        "TOP_K,DEPTH,TOTAL_TOKENS, e.g. 4,4,16; TOP_K 1 is a chain")
-
-
-def apply_tree_arg(engine, tree_arg: str, log=None):
-    """Set the engine's tree from a --tree value (calibrating on first use)."""
-    from .calibrate import apply_tree
-
-    return apply_tree(engine, tree_arg, log=log)
-
-
-def is_auto_tree(tree_arg) -> bool:
-    """True when a --tree value asks for the calibrated tree ('auto' or nothing)."""
-    return tree_arg is None or str(tree_arg).strip().lower() == "auto"
-
-
-# A one-shot run (generate, chat --smoke) refreshes the cached acceptance only
-# when it saw at least this many speculative steps: fewer say little.
-RUN_TUNE_STEPS = 16
-
-
-def auto_tuner(engine, tree_arg, **kw):
-    """An :class:`~eagle3_mlx.calibrate.OnlineTuner` for an engine whose tree
-    came from ``--tree auto`` (call after :func:`apply_tree_arg`); None for an
-    explicit tree (never changed) or when no calibration is cached."""
-    if not is_auto_tree(tree_arg) or engine.head is None:
-        return None
-    from .calibrate import make_tuner
-
-    return make_tuner(engine, **kw)
-
-
-def finish_run_tuning(tuner, log=None):
-    """End of a one-shot run: refresh the acceptance from the steps the tuner
-    observed and save it for the next run. Logs one line only when the tree
-    changed (or tuning failed); returns the new TreeSpec or None."""
-    if tuner is None:
-        return None
-    log = log or (lambda m: None)
-    try:
-        spec = tuner.maybe_retune()
-    except Exception as e:  # noqa: BLE001 - the answer is already out; never fail the run
-        log(f"tree: online tuning skipped ({type(e).__name__}: {e})")
-        return None
-    if spec is not None:
-        log(f"tree: retuned to {spec.top_k},{spec.depth},{spec.total_tokens} for the next run")
-    return spec
-
-
 def generate_main(argv):
+    from .tuning.choose import add_tree_args
+
     p = argparse.ArgumentParser(prog="eagle3-mlx generate", description="Generate text with EAGLE-3 speculative decoding.")
     p.add_argument("--model", required=True, help="MLX target model directory or HF repo")
     p.add_argument("--draft", default=None,
@@ -138,6 +89,7 @@ def generate_main(argv):
     args = p.parse_args(argv)
     from . import api
     from .engine import format_stats
+    from .tuning.choose import RUN_TUNE_STEPS, apply_tree, auto_tuner, finish_run_tuning
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
@@ -145,7 +97,7 @@ def generate_main(argv):
                           draft_source=args.draft_source)
         tuner = None
         if not args.no_spec and engine.head is not None:
-            spec = apply_tree_arg(engine, args.tree, log=lambda m: print(m, file=sys.stderr))
+            spec = apply_tree(engine, args.tree, log=lambda m: print(m, file=sys.stderr))
             print(f"draft tree: {spec}", file=sys.stderr)
             tuner = auto_tuner(engine, args.tree, every=RUN_TUNE_STEPS)
         if not args.ignore_chat_template and engine.tokenizer.chat_template is not None:

@@ -398,25 +398,8 @@ class Engine:
                 if uses_head:
                     self._draft_len = cur_len
                 t1 = time.perf_counter()
-                positions = (cur_len + tree.depths).astype(mx.int32)
-                logits, fts = self.target.forward(
-                    tree.tokens[None], self._tcache,
-                    tree_mask=None if tree.is_chain else tree.ancestors,
-                    positions=None if tree.is_chain else positions,
-                )
-                logits = logits[0]
-                if params.greedy:
-                    path_mask, bonus = greedy_verify(tree, logits)
-                    mx.eval(path_mask, bonus)  # the step's one blocking transfer
-                    tokens_h, path_h, bonus_h = (a.tolist() for a in (tree.tokens, path_mask, bonus))
-                    path = [i for i in range(tree.size) if path_h[i]]
-                    bonus = mx.array([bonus_h], dtype=mx.int32)
-                else:
-                    path, bonus = sample_verify(tree, logits, params)
-                    tokens_h = tree.tokens.tolist()
-                    bonus_h = int(bonus.item())
-                    bonus = bonus.reshape(1)
-                compact_cache(self._tcache, cur_len, path)
+                path, tokens_h, bonus, bonus_h, feats = verify_step(
+                    self.target, self._tcache, tree, cur_len, params)
                 accepted = [tokens_h[i] for i in path[1:]]
                 if merged is not None:
                     srcs = [_SOURCE_NAMES[merged.sources[i]] for i in path[1:]]
@@ -424,16 +407,11 @@ class Engine:
                         self.ngram_acceptance.update(n, proposed, accepted + [bonus_h])
                 else:
                     srcs = ["eagle"] * len(accepted)
-                feats = fts[:, mx.array(path, dtype=mx.int32)]
                 t2 = time.perf_counter()
             else:
                 t1 = t0
-                logits, fts = self.target.forward(root[None], self._tcache)
-                row = logits[0, -1]
-                if penalty is not None:
-                    row = penalty(mx.array(history)[None], row[None])[0]
-                bonus = choose(row, params).reshape(1)
-                bonus_h = int(bonus.item())
+                bonus, bonus_h, _ = decode_step(self.target, self._tcache, root, params, penalty,
+                                                history)
                 accepted, path = [], [0]
                 t2 = time.perf_counter()
             draft_ms = (t1 - t0) * 1000
@@ -472,6 +450,48 @@ class Engine:
             print()
             print(format_stats(last))
         return text
+
+
+def verify_step(target: TargetModel, cache, tree, offset: int, params: SamplingParams):
+    """One verification of a drafted tree, as every speculative step runs it.
+
+    The target runs ``tree`` after ``offset`` cached positions under the tree's
+    ancestor mask; the accepted path and the bonus token are chosen (greedy: one
+    blocking host transfer); the cache is compacted to the path. Returns
+    (path node indices, node tokens as a host list, bonus [1] int32, bonus id,
+    target features of the path rows [1, len(path), 3H])."""
+    positions = (offset + tree.depths).astype(mx.int32)
+    logits, fts = target.forward(
+        tree.tokens[None], cache,
+        tree_mask=None if tree.is_chain else tree.ancestors,
+        positions=None if tree.is_chain else positions,
+    )
+    logits = logits[0]
+    if params.greedy:
+        path_mask, bonus = greedy_verify(tree, logits)
+        mx.eval(path_mask, bonus)  # the step's one blocking transfer
+        tokens_h, path_h, bonus_h = (a.tolist() for a in (tree.tokens, path_mask, bonus))
+        path = [i for i in range(tree.size) if path_h[i]]
+        bonus = mx.array([bonus_h], dtype=mx.int32)
+    else:
+        path, bonus = sample_verify(tree, logits, params)
+        tokens_h = tree.tokens.tolist()
+        bonus_h = int(bonus.item())
+        bonus = bonus.reshape(1)
+    compact_cache(cache, offset, path)
+    return path, tokens_h, bonus, bonus_h, fts[:, mx.array(path, dtype=mx.int32)]
+
+
+def decode_step(target: TargetModel, cache, root, params: SamplingParams, penalty=None,
+                history=None):
+    """One plain decoding step (no draft): the target runs ``root`` [1] and the
+    next token is chosen. Returns (token [1] int32, token id, features [1, 1, 3H])."""
+    logits, fts = target.forward(root[None], cache)
+    row = logits[0, -1]
+    if penalty is not None:
+        row = penalty(mx.array(history)[None], row[None])[0]
+    bonus = choose(row, params).reshape(1)
+    return bonus, int(bonus.item()), fts
 
 
 def _release_text(text: str, emitted: int, stops, final: bool):

@@ -33,21 +33,24 @@ def main(argv=None):
     from conftest import make_oracle_head
 
     from eagle3_mlx import bench as B
-    from eagle3_mlx import calibrate as C
     from eagle3_mlx.engine import Engine
+    from eagle3_mlx.platform import describe_machine, machine_info
     from eagle3_mlx.prompts import load_prompts
     from eagle3_mlx.testing import load_tiny_target, make_tiny_target
     from eagle3_mlx.tree import TreeSpec
+    from eagle3_mlx.tuning.choose import calibrate
+    from eagle3_mlx.tuning.optimise import evaluate
+    from eagle3_mlx.tuning.report import format_report
 
-    print(f"machine: {B.describe_machine(B.machine_info())}")
+    print(f"machine: {describe_machine(machine_info())}")
     with tempfile.TemporaryDirectory() as d:
         make_tiny_target(d, "llama", weight_scale=0.5, layer_scale=0.004, hidden_size=512,
                          intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
                          num_key_value_heads=4, head_dim=64)
         model, tok = load_tiny_target(d)
         eng = Engine(model, tok, make_oracle_head(model))
-        cal = C.calibrate(eng, directory=Path(d) / "cal", log=print)
-    print(C.format_report(cal))
+        cal = calibrate(eng, directory=Path(d) / "cal", log=print)
+    print(format_report(cal))
     auto = cal.spec
     lab = B.tree_label(auto)
     trees = [auto] + [TreeSpec(*t) for t in B.DEFAULT_GRID if B.tree_label(TreeSpec(*t)) != lab]
@@ -63,7 +66,7 @@ def main(argv=None):
     print("\npredicted vs measured tau (tok/s predictions use the calibration-time costs):")
     for g in grid:
         s = TreeSpec(*[int(x) for x in g["tree"].split(",")])
-        e = C.evaluate(s, cal.costs, cal.acceptance)
+        e = evaluate(s, cal.costs, cal.acceptance)
         print(f"  {g['tree']:<8} tau predicted {e.tau:5.2f} measured {g['summary']['tau']:5.2f} | "
               f"tok/s predicted {e.tps:6.1f} measured {g['summary']['spec_tps']:6.1f}")
     return 0

@@ -100,7 +100,7 @@ def oracle_head(tiny):
 
 
 @pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory):
+def demo_dirs(tmp_path_factory):
     """(target dir, head dir) of the tiny chat demo, built once per session for the
     chat, engine-thread and online-tuning tests."""
     from eagle3_mlx.testing import build_tiny_demo

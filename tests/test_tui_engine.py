@@ -89,16 +89,16 @@ async def ask(pilot, app: ChatApp, text: str, timeout: float = 30.0):
     return app.query(AssistantMessage).last()
 
 
-def make_app(tiny_pair, holder, settings=None, **engine_kw) -> ChatApp:
-    model, draft = tiny_pair
+def make_app(demo_dirs, holder, settings=None, **engine_kw) -> ChatApp:
+    model, draft = demo_dirs
     return ChatApp(recording_loader(model, draft, holder, **engine_kw),
                    settings=settings or ChatSettings(max_tokens=48), model_label="tiny",
                    animate_loading=False)
 
 
-async def test_prompt_streams_answer_and_panel_matches_engine(tiny_pair):
+async def test_prompt_streams_answer_and_panel_matches_engine(demo_dirs):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=96))
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=96))
     app.engine_thread._flush_interval = 0.0  # one post per token: proves streaming
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.ready, what="model load")
@@ -131,9 +131,9 @@ async def test_prompt_streams_answer_and_panel_matches_engine(tiny_pair):
         assert v["ttft"].endswith(" ms") and v["peak_memory"].endswith("B")
 
 
-async def test_escape_stops_at_once_and_next_prompt_works(tiny_pair):
+async def test_escape_stops_at_once_and_next_prompt_works(demo_dirs):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=3000))
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=3000))
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.ready, what="model load")
         await pilot.press(*"Tell me a story", "enter")
@@ -159,9 +159,9 @@ async def test_escape_stops_at_once_and_next_prompt_works(tiny_pair):
         assert rec.calls[-1]["prompt"][1] == {"role": "assistant", "content": kept}
 
 
-async def test_second_turn_reuses_prompt_cache(tiny_pair):
+async def test_second_turn_reuses_prompt_cache(demo_dirs):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=24))
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=24))
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.ready, what="model load")
         await ask(pilot, app, "hello there")
@@ -179,9 +179,9 @@ async def test_second_turn_reuses_prompt_cache(tiny_pair):
         assert app.stats_panel.values["prefill"] == f"{p2 - p1} new / {full}"
 
 
-async def test_colour_toggle_shows_token_origin(tiny_pair):
+async def test_colour_toggle_shows_token_origin(demo_dirs):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=64))
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=64))
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.ready, what="model load")
         widget = await ask(pilot, app, "hello there")
@@ -204,9 +204,9 @@ async def test_colour_toggle_shows_token_origin(tiny_pair):
         assert not app.coloured and widget.markdown.display and not widget.origin_view.display
 
 
-async def test_plain_decoding_toggle_compares_speed(tiny_pair):
+async def test_plain_decoding_toggle_compares_speed(demo_dirs):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=24))
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=24))
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.ready, what="model load")
         await ask(pilot, app, "hello there")
@@ -232,9 +232,9 @@ async def test_plain_decoding_toggle_compares_speed(tiny_pair):
         assert app.stats_panel.values["mode"] == "speculative"
 
 
-async def test_engine_error_is_shown_and_app_keeps_working(tiny_pair):
+async def test_engine_error_is_shown_and_app_keeps_working(demo_dirs):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=16))
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=16))
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.ready, what="model load")
         holder["rec"].fail_next = RuntimeError("[metal::malloc] Attempting to allocate 99 GB: out of memory")
@@ -248,9 +248,9 @@ async def test_engine_error_is_shown_and_app_keeps_working(tiny_pair):
         assert widget.text and app.history[-1]["content"] == widget.text
 
 
-async def test_context_limit_is_reported_and_new_chat_recovers(tiny_pair):
+async def test_context_limit_is_reported_and_new_chat_recovers(demo_dirs):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=200), max_context=48)
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=200), max_context=48)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.ready, what="model load")
         await ask(pilot, app, "hello there")
@@ -286,13 +286,13 @@ async def test_bad_model_path_is_a_message_not_a_crash(tmp_path):
         assert app.is_running
 
 
-def test_engine_runs_on_one_thread(tiny_pair):
+def test_engine_runs_on_one_thread(demo_dirs):
     """Loading and every generation happen on the same long-lived thread."""
     seen = []
 
     async def run():
         holder: dict = {}
-        model, draft = tiny_pair
+        model, draft = demo_dirs
         base = recording_loader(model, draft, holder)
 
         def loader(progress):
@@ -326,9 +326,9 @@ def test_engine_runs_on_one_thread(tiny_pair):
     assert len(seen) == 3 and len(threads) == 1 and ui_thread not in threads
 
 
-async def test_settings_change_the_real_engines_tree(tiny_pair):
+async def test_settings_change_the_real_engines_tree(demo_dirs):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=12))
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=12))
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.ready, what="model load")
         assert app.stats_panel.values["tree"] == "k4 d4 n16"  # read from the engine
@@ -347,10 +347,10 @@ async def test_settings_change_the_real_engines_tree(tiny_pair):
         assert app.stats_panel.values["tree"] == "k1 d3 n4 (chain)"
 
 
-def test_smoke_mode_answers_once_and_prints_statistics(tiny_pair, capsys):
+def test_smoke_mode_answers_once_and_prints_statistics(demo_dirs, capsys):
     from eagle3_mlx.tui import cli
 
-    model, draft = tiny_pair
+    model, draft = demo_dirs
     rc = cli.main(["--model", str(model), "--draft", str(draft), "--max-tokens", "12", "--smoke", "hello there"])
     out = capsys.readouterr().out
     assert rc == 0

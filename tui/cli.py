@@ -144,13 +144,13 @@ def make_loader(model: str | None, draft: str | None, tree: dict | None = None,
 
         engine = load(m, d, draft_source=draft_source, **tree)
         if not tree and engine.head is not None:
-            from eagle3_mlx.cli import apply_tree_arg
+            from eagle3_mlx.tuning.choose import apply_tree
 
             progress("Choosing the draft tree for this machine…")
-            apply_tree_arg(engine, tree_arg, log=progress)
+            apply_tree(engine, tree_arg, log=progress)
         return engine
 
-    from eagle3_mlx.cli import auto_tuner, is_auto_tree
+    from eagle3_mlx.tuning.choose import auto_tuner, is_auto_tree
 
     if not tree and is_auto_tree(tree_arg):
         options = dict(tuner_options or {})
@@ -208,7 +208,7 @@ def smoke(args) -> int:
     def progress(text, fraction=None):
         print(text, file=sys.stderr, flush=True)
 
-    from eagle3_mlx.cli import RUN_TUNE_STEPS, finish_run_tuning
+    from eagle3_mlx.tuning.choose import RUN_TUNE_STEPS, finish_run_tuning
 
     loader = make_loader(args.model, args.draft, tree_kwargs(args), args.tree,
                          tuner_options={"every": RUN_TUNE_STEPS}, draft_source=args.draft_source)

@@ -33,7 +33,8 @@ GRACEFUL_SHUTDOWN_S = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import add_draft_source_arg, add_tree_args
+    from ..cli import add_draft_source_arg
+    from ..tuning.choose import add_tree_args
 
     p = argparse.ArgumentParser(
         prog="eagle3-mlx serve",
@@ -87,7 +88,7 @@ def make_loader(args, facts: dict):
 
     def loader():
         from ..api import load
-        from ..cli import apply_tree_arg, auto_tuner
+        from ..tuning.choose import apply_tree, auto_tuner
         from ..tui.cli import _name, resolve_paths
 
         model, draft, name = args.model, args.draft, None
@@ -101,7 +102,7 @@ def make_loader(args, facts: dict):
         engine = load(model, draft, draft_source=args.draft_source)
         tuner = None
         if engine.head is not None:
-            apply_tree_arg(engine, args.tree, log=_log)
+            apply_tree(engine, args.tree, log=_log)
             # --tree auto: the online tuner refines the tree between requests, as in chat
             tuner = auto_tuner(engine, args.tree)
         spec = engine.spec
