@@ -88,7 +88,7 @@ def generate_main(argv):
     add_tree_args(p)
     args = p.parse_args(argv)
     from . import api
-    from .engine import format_stats
+    from .runs import collect, format_stats
     from .tuning.choose import RUN_TUNE_STEPS, apply_tree, auto_tuner, finish_run_tuning
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -103,21 +103,19 @@ def generate_main(argv):
         if not args.ignore_chat_template and engine.tokenizer.chat_template is not None:
             msgs = ([{"role": "system", "content": args.system}] if args.system else [])
             prompt = msgs + [{"role": "user", "content": prompt}]
-        last = None
-        for r in engine.stream_generate(prompt, max_tokens=args.max_tokens, temp=args.temp,
-                                        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                                        seed=args.seed, speculative=not args.no_spec):
+        def show(r):
             print(r.text, end="", flush=True)
-            last = r
             if tuner is not None:
                 tuner.observe(r)
+
+        run = collect(engine.stream_generate(prompt, max_tokens=args.max_tokens, temp=args.temp,
+                                             top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                                             seed=args.seed, speculative=not args.no_spec),
+                      on_response=show)
         print()
-        if last is not None:
+        if run.last is not None:
             print("=" * 10, file=sys.stderr)
-            print(format_stats(last), file=sys.stderr)
-            if last.speculative and last.source_tokens:
-                print(f"drafts ({engine.draft_source}): accepted tokens by source "
-                      + ", ".join(f"{k} {v}" for k, v in last.source_tokens.items()), file=sys.stderr)
+            print(format_stats(run.last, run.ttft_ms), file=sys.stderr)
         # --tree auto: this run's acceptance refreshes the cached calibration
         finish_run_tuning(tuner, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, FileNotFoundError, OSError) as e:

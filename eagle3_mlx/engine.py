@@ -342,6 +342,10 @@ class Engine:
         while True:
             # ---- emit the tokens committed by the last step ----
             step_tokens = len(pending)
+            # When the next step's tree would not fit in the context, this
+            # step's last token ends the answer (finish reason "context").
+            T = self.max_tree_nodes(source) if speculative else 1
+            full = bool(self.max_context) and cur_len + T > self.max_context
             for j, (t, src) in enumerate(pending):
                 finish = None
                 if t in eos:
@@ -354,6 +358,8 @@ class Engine:
                     finish = "length"
                 if finish is None and cancel is not None and cancel.is_set():
                     finish = "cancelled"
+                if finish is None and full and j == step_tokens - 1:
+                    finish = "context"
                 if finish is not None:
                     detok.finalize()
                     text += detok.last_segment
@@ -381,14 +387,6 @@ class Engine:
                     self.matcher.extend((t,))
 
             # ---- one step: draft, verify, commit ----
-            T = self.max_tree_nodes(source) if speculative else 1
-            if self.max_context and cur_len + T > self.max_context:
-                detok.finalize()
-                text += detok.last_segment
-                yield self._final(text[emitted:], ids, n_gen, steps, prompt_tps, prompt_ms,
-                                  gen_tic, "context", speculative)
-                self._finish(history, cur_len)
-                return
             steps += 1
             t0 = time.perf_counter()
             if speculative:
@@ -428,17 +426,6 @@ class Engine:
         self._tokens = history[:cur_len]
         self._draft_len = min(self._draft_len, cur_len)
 
-    def _final(self, text, ids, n_gen, steps, prompt_tps, prompt_ms, gen_tic, reason, speculative):
-        el = time.perf_counter() - gen_tic
-        return GenerationResponse(
-            text=text, token=-1, from_draft=False,
-            step_index=steps, new_step=False, step_tokens=0, draft_ms=0.0, verify_ms=0.0,
-            tokens_per_step=n_gen / max(steps, 1), steps=steps, prompt_tokens=len(ids),
-            prompt_tps=prompt_tps, prompt_ms=prompt_ms, generation_tokens=n_gen,
-            generation_tps=n_gen / max(el, 1e-9), peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason=reason, speculative=speculative,
-        )
-
     def generate(self, prompt: Prompt, verbose: bool = False, **kwargs) -> str:
         text, last = "", None
         for r in self.stream_generate(prompt, **kwargs):
@@ -447,6 +434,8 @@ class Engine:
             if verbose:
                 print(r.text, end="", flush=True)
         if verbose and last is not None:
+            from .runs import format_stats
+
             print()
             print(format_stats(last))
         return text
@@ -510,11 +499,3 @@ def _release_text(text: str, emitted: int, stops, final: bool):
                 hold = max(hold, k)
                 break
     return text[emitted:max(emitted, len(text) - hold)], False
-
-
-def format_stats(r: GenerationResponse) -> str:
-    return (
-        f"tokens/step {r.tokens_per_step:.2f} | {r.generation_tps:.1f} tok/s | "
-        f"{r.steps} steps | {r.generation_tokens} tokens | prompt {r.prompt_tokens} tok "
-        f"({r.prompt_tps:.1f} tok/s) | peak {r.peak_memory:.2f} GB"
-    )

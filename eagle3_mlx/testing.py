@@ -272,6 +272,7 @@ def build_tiny_demo(root, *, draft_vocab: int = 4, seed: int = 0,
     ``reuse``: return existing directories written by an earlier call as they are."""
     from .engine import Engine
     from .head import d2t_from_used, save_head
+    from .runs import collect
 
     root = Path(root)
     target_dir, head_dir = root / "target", root / "head"
@@ -283,9 +284,9 @@ def build_tiny_demo(root, *, draft_vocab: int = 4, seed: int = 0,
     counts: Counter = Counter()
     for q in PROBE_PROMPTS:
         msgs = [{"role": "user", "content": q}]
-        counts.update(r.token for r in probe.stream_generate(msgs, max_tokens=48, speculative=False))
+        counts.update(collect(probe.stream_generate(msgs, max_tokens=48, speculative=False)).tokens)
     eos = set(getattr(probe.tokenizer, "eos_token_ids", ()) or ())
-    frequent = [t for t, _ in counts.most_common() if t not in eos and t >= 0]
+    frequent = [t for t, _ in counts.most_common() if t not in eos]
     vocab = int(probe.target.vocab_size)
     used = list(frequent[:draft_vocab])
     filler = iter(t for t in range(vocab) if t not in used)

@@ -184,26 +184,9 @@ def settings_from_args(args):
                         top_k_tree=args.top_k_tree, depth=args.depth, total_tokens=args.total_tokens)
 
 
-def stats_line(r: Any, ttft_ms: float | None = None) -> str:
-    def g(name, spec, unit=""):
-        v = getattr(r, name, None)
-        return "–" if v is None else f"{v:{spec}}{unit}"
-
-    parts = [f"{g('generation_tokens', 'd')} tokens", f"{g('tokens_per_step', '.2f')} tokens/step",
-             f"{g('generation_tps', '.1f')} tok/s", f"draft {g('draft_ms', '.2f')} ms",
-             f"verify {g('verify_ms', '.2f')} ms", f"peak {g('peak_memory', '.2f')} GB"]
-    if ttft_ms is not None:
-        parts.append(f"first token {ttft_ms:.0f} ms")
-    parts.append(f"finish {getattr(r, 'finish_reason', None)}")
-    src = getattr(r, "source_tokens", None)
-    if src and getattr(r, "speculative", False):
-        parts.append("accepted by source " + ", ".join(f"{k} {v}" for k, v in src.items()))
-    return "[" + " · ".join(parts) + "]"
-
-
 def smoke(args) -> int:
     """Answer one question without the UI (CI check of the README command)."""
-    import time
+    from eagle3_mlx.runs import collect, format_stats
 
     def progress(text, fraction=None):
         print(text, file=sys.stderr, flush=True)
@@ -227,21 +210,19 @@ def smoke(args) -> int:
     # --tree auto: the answer's acceptance refreshes the cached calibration
     make_tuner = getattr(loader, "make_tuner", None)
     tuner = make_tuner(engine) if make_tuner is not None and not args.plain else None
-    last = None
-    t0 = time.perf_counter()
-    ttft = None
-    for r in engine.stream_generate(msgs, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
-                                    speculative=not args.plain):
-        if ttft is None:
-            ttft = (time.perf_counter() - t0) * 1000
+
+    def show(r):
         sys.stdout.write(r.text)
         sys.stdout.flush()
-        last = r
         if tuner is not None:
             tuner.observe(r)
+
+    run = collect(engine.stream_generate(msgs, max_tokens=args.max_tokens, temp=args.temp,
+                                         top_p=args.top_p, speculative=not args.plain),
+                  on_response=show)
     print()
-    if last is not None:
-        print(stats_line(last, ttft))
+    if run.last is not None:
+        print(format_stats(run.last, run.ttft_ms))
     finish_run_tuning(tuner, log=lambda m: print(m, file=sys.stderr))
     return 0
 

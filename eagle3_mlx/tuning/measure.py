@@ -177,23 +177,28 @@ def generate_continuations(engine, prompts: Sequence[str], max_tokens: int,
     """The target's greedy continuations (via the engine; lossless), and the
     per-step bookkeeping time observed on the way (step wall time minus draft
     minus verify)."""
+    from ..runs import collect
+
     out, overhead = [], []
     for i, text in enumerate(prompts):
         ids = _encode_chat(engine, text)
         engine.reset()
-        toks, last_t, last_r = [], None, None
-        for r in engine.stream_generate(ids, max_tokens=max_tokens, temp=0.0, draft_source="eagle"):
-            now = time.perf_counter()
-            if r.token >= 0:
-                toks.append(r.token)
+        last_t = None
+
+        def step_overhead(r):
+            nonlocal last_t
             if r.new_step:
+                now = time.perf_counter()
                 if last_t is not None and r.step_index >= 2:
                     overhead.append((now - last_t) * 1000 - r.draft_ms - r.verify_ms)
                 last_t = now
-            last_r = r
-        out.append((ids, toks))
-        if log and last_r is not None:
-            log(f"  prompt {i + 1}/{len(prompts)}: {len(toks)} tokens, tau {last_r.tokens_per_step:.2f}")
+
+        run = collect(engine.stream_generate(ids, max_tokens=max_tokens, temp=0.0, draft_source="eagle"),
+                      on_response=step_overhead)
+        out.append((ids, run.tokens))
+        if log and run.last is not None:
+            log(f"  prompt {i + 1}/{len(prompts)}: {len(run.tokens)} tokens, "
+                f"tau {run.last.tokens_per_step:.2f}")
     engine.reset()
     return out, overhead
 
