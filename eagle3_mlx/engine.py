@@ -96,10 +96,7 @@ def match_head_dtype(head: Eagle3Head, target: TargetModel):
         head.config.quantization = None
     dt = emb.scales.dtype if target_quantized else emb.weight.dtype
     if head.fc.weight.dtype != dt:
-        from mlx.utils import tree_map
-
-        head.update(tree_map(lambda p: p.astype(dt) if mx.issubdtype(p.dtype, mx.floating) else p,
-                             head.parameters()))
+        head.set_dtype(dt)
 
 
 _SOURCE_NAMES = {EAGLE: "eagle", NGRAM: "ngram", EAGLE | NGRAM: "both"}

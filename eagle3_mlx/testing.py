@@ -2,7 +2,9 @@
 
 Everything here is built locally (no hub access): a tokenizer trained on a fixed
 corpus, a random mlx-lm target of a chosen family, a random EAGLE-3 head sized
-for it, and :func:`build_tiny_demo`, a target + head pair for trying the chat:
+for it, an *oracle* head that mostly drafts what such a target will say
+(:func:`make_oracle_head`), and :func:`build_tiny_demo`, a target + head pair
+for trying the chat:
 
     python -m eagle3_mlx.testing DIR      # writes DIR/target and DIR/head
 
@@ -21,7 +23,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
+
+from .head import Eagle3Head
+from .target import TargetModel
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -252,9 +257,44 @@ def make_random_head(target_model, *, seed: int = 1, draft_vocab_size: int | Non
     return head
 
 
+class OracleHead(Eagle3Head):
+    """A head made to agree with the target often: on tokens with
+    ``token % every != 0`` its draft is forced to the target's context-free
+    next-token guess; elsewhere it drafts from its random weights."""
+
+    def __call__(self, embeddings, hidden, cache=None, mask=None, positions=None, from_target=None,
+                 logits_rows=None):
+        out, logits = super().__call__(embeddings, hidden, cache, mask, positions, from_target,
+                                       logits_rows)
+        if logits_rows is not None:
+            embeddings = embeddings[:, logits_rows]
+        E = self._table
+        d = ((embeddings[..., None, :] - E) ** 2).sum(-1)
+        tok = mx.argmin(d, axis=-1)
+        nxt = self._bigram[tok]
+        force = (tok % self._every) != 0
+        onehot = (mx.arange(logits.shape[-1]) == nxt[..., None]).astype(logits.dtype) * 40.0
+        return out, mx.where(force[..., None], onehot + 0.01 * logits, logits)
+
+
+def make_oracle_head(model, every=8, seed=3):
+    """A random head for ``model`` turned into an :class:`OracleHead` (built on
+    a target with weak decoder layers, its drafts are mostly accepted)."""
+    t = TargetModel(model)
+    base = make_random_head(model, seed=seed)
+    head = OracleHead(base.config)
+    head.update(base.parameters())
+    V = t.vocab_size
+    logits, _ = t.forward(mx.arange(V)[:, None], None)
+    object.__setattr__(head, "_table", t.embed_tokens(mx.arange(V)))
+    object.__setattr__(head, "_bigram", mx.argmax(logits[:, -1], axis=-1))
+    object.__setattr__(head, "_every", every)
+    mx.eval(head._table, head._bigram)
+    return head
+
+
 def to_float32(model: nn.Module):
-    model.update(tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
-                          model.parameters()))
+    model.set_dtype(mx.float32)
     return model
 
 

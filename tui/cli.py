@@ -197,14 +197,10 @@ def smoke(args) -> int:
                          tuner_options={"every": RUN_TUNE_STEPS}, draft_source=args.draft_source)
     try:
         engine = loader(progress)
-    except ChatSetupError as exc:
-        print(f"eagle3-mlx chat: {exc}", file=sys.stderr)
-        return 2
     except Exception as exc:  # noqa: BLE001 - a message, not a traceback
-        from .engine_thread import describe_load_error
+        from .engine_thread import report_load_failure
 
-        print(f"eagle3-mlx chat: {describe_load_error(exc)}", file=sys.stderr)
-        return 1
+        return report_load_failure("eagle3-mlx chat", exc)
     msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.smoke}]
     # --tree auto: the answer's acceptance refreshes the cached calibration

@@ -142,7 +142,6 @@ def serve_main(argv=None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     _validate(args, parser)
 
-    from ..tui.errors import ChatSetupError
     from .app import create_app
     from .worker import EngineWorker
 
@@ -151,12 +150,10 @@ def serve_main(argv=None) -> int:
     worker.start()
     try:
         worker.wait_loaded()
-    except ChatSetupError as e:
-        print(f"eagle3-mlx serve: {e}", file=sys.stderr)
-        return 2
     except Exception as e:  # noqa: BLE001 - one line, not a traceback
-        print(f"eagle3-mlx serve: could not load the model: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        from ..tui.engine_thread import report_load_failure
+
+        return report_load_failure("eagle3-mlx serve", e)
     try:
         sock = _bind(args.host, args.port)
     except OSError as e:
