@@ -4,7 +4,7 @@
 Not a test. No trained head exists yet for a real model here, so this uses a
 model where acceptance is real: a random llama-shaped target (8 layers, hidden
 512) whose decoder layers are weak, with the tests' *oracle* head
-(tests/conftest.py: it drafts the target's context-free next token, so most
+(eagle3_mlx.testing.OracleHead: it drafts the target's context-free next token, so most
 drafts are accepted, in streaks). It calibrates (verify/draft costs,
 teacher-forced acceptance), then runs ``bench``'s measurement (plain mlx-lm vs
 speculative, interleaved) for the auto tree and the 14 grid shapes, and prints
@@ -21,8 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,13 +28,11 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=96)
     args = ap.parse_args(argv)
 
-    from conftest import make_oracle_head
-
     from eagle3_mlx import bench as B
     from eagle3_mlx.engine import Engine
     from eagle3_mlx.platform import describe_machine, machine_info
     from eagle3_mlx.prompts import load_prompts
-    from eagle3_mlx.testing import load_tiny_target, make_tiny_target
+    from eagle3_mlx.testing import load_tiny_target, make_oracle_head, make_tiny_target
     from eagle3_mlx.tree import TreeSpec
     from eagle3_mlx.tuning.choose import calibrate
     from eagle3_mlx.tuning.optimise import evaluate

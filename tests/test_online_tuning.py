@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
+
+from _tui import ask, recording, wait_for
 
 from eagle3_mlx.tree import TreeSpec
 from eagle3_mlx.tui.app import ChatApp
@@ -80,58 +81,14 @@ def spec_steps(responses) -> int:
     return sum(1 for r in responses if r.new_step and r.step_index >= 1)
 
 
-class Recorder:
-    """Pass-through engine wrapper that keeps every response of every answer."""
-
-    def __init__(self, engine):
-        self._engine = engine
-        self.answers: list[list] = []
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def stream_generate(self, prompt, **kw):
-        got: list = []
-        self.answers.append(got)
-        for r in self._engine.stream_generate(prompt, **kw):
-            got.append(r)
-            yield r
-
-
-def recording(loader, holder: dict):
-    """``loader`` wrapped so the engine is recorded; keeps its ``make_tuner``."""
-
-    def wrapped(progress):
-        holder["rec"] = Recorder(loader(progress))
-        return holder["rec"]
-
-    if hasattr(loader, "make_tuner"):
-        wrapped.make_tuner = loader.make_tuner
-    return wrapped
-
-
 # ----------------------------------------------------------------------------- chat
-
-
-async def wait_for(pilot, cond, timeout: float = 60.0, what: str = "condition"):
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.02)
-
-
-async def ask(pilot, app: ChatApp, text: str):
-    before = app.answers
-    await pilot.press(*text, "enter")
-    await wait_for(pilot, lambda: app.answers > before and app.turn is None, what=f"answer to {text!r}")
 
 
 def panel_tree(spec) -> str:
     return f"k{spec[0]} d{spec[1]} n{spec[2]}" + (" (chain)" if spec[0] == 1 else "")
 
 
-async def test_chat_auto_tree_is_retuned_from_live_acceptance(demo_dirs, calibration):
+async def test_chat_auto_tree_is_retuned_from_live_acceptance(demo_dirs, calibration, ready_app):
     cal, path = calibration
     calibrated = shape(cal.spec)
     model, draft = demo_dirs
@@ -145,15 +102,14 @@ async def test_chat_auto_tree_is_retuned_from_live_acceptance(demo_dirs, calibra
     notes: list[str] = []
     orig_notify = app.notify
     app.notify = lambda message, *a, **kw: (notes.append(str(message)), orig_notify(message, *a, **kw))[1]
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready, what="model load")
+    async with ready_app(app, SIZE, timeout=60.0) as pilot:
         rec = holder["rec"]
         tuner = app.engine_thread.tuner
         assert isinstance(tuner, OnlineTuner) and tuner.every == 4
         assert shape(rec.spec) == calibrated                       # --tree auto used the cache
         assert app.stats_panel.values["tree"] == panel_tree(calibrated)
 
-        await ask(pilot, app, "hello there")
+        await ask(pilot, app, "hello there", timeout=60.0)
         steps1 = spec_steps(rec.answers[-1])
         assert steps1 >= 4
         # the acceptance estimate was refreshed from exactly this answer's steps and saved
@@ -165,28 +121,28 @@ async def test_chat_auto_tree_is_retuned_from_live_acceptance(demo_dirs, calibra
         best, _ = optimise(saved.costs, saved.acceptance)
         new = shape(best.spec)
         assert new != calibrated and best.spec.num_nodes < cal.spec.num_nodes
-        await wait_for(pilot, lambda: app.stats_panel.values["tree"] == panel_tree(new), what="new tree shown")
+        await wait_for(pilot, lambda: app.stats_panel.values["tree"] == panel_tree(new), 60.0, what="new tree shown")
         assert shape(rec.spec) == new
         assert shape(saved.spec) == new
         assert app.tree() == {"top_k": new[0], "depth": new[1], "total_tokens": new[2]}
         assert any(n.startswith("Tree retuned") for n in notes)
 
         # tuning goes on: the next answer runs on the new tree and adds its steps
-        await ask(pilot, app, "What is MLX?")
+        await ask(pilot, app, "What is MLX?", timeout=60.0)
         assert all(r.step_tokens <= new[2] for r in rec.answers[-1])
         steps2 = spec_steps(rec.answers[-1])
-        await wait_for(pilot, lambda: cached(path).online_steps == steps1 + steps2, what="second refresh")
+        await wait_for(pilot, lambda: cached(path).online_steps == steps1 + steps2, 60.0, what="second refresh")
 
         # the user sets a tree in the settings: tuning stops for the session
         await pilot.press("ctrl+s")
         for name, value in (("top_k_tree", "4"), ("depth", "4"), ("total_tokens", "16")):
             app.screen.query_one(f"#{name}").value = value
         await pilot.press("ctrl+s")
-        await wait_for(pilot, lambda: app.stats_panel.values["tree"] == "k4 d4 n16", what="manual tree")
+        await wait_for(pilot, lambda: app.stats_panel.values["tree"] == "k4 d4 n16", 60.0, what="manual tree")
         assert app.engine_thread.tuner is None
         before = cached(path)
         for q in ("hello there", "Write a poem about the sea."):
-            await ask(pilot, app, q)
+            await ask(pilot, app, q, timeout=60.0)
             assert spec_steps(rec.answers[-1]) >= 4
         await pilot.pause(0.2)
         assert shape(rec.spec) == (4, 4, 16)
