@@ -18,6 +18,10 @@ total plain tok/s); the per-category summary does the same per category.
 With ``--json FILE`` every finished prompt turn is also appended to
 ``FILE.partial.jsonl`` (a settings header, then one row a line), so
 ``--resume`` can continue a killed run and report old and new rows together.
+
+Why one module of ~700 lines: a run, its rows, the sidecar and the command are
+one procedure read top to bottom (``main`` lists its steps as functions); the
+tables and the plot live in :mod:`eagle3_mlx.bench_report`.
 """
 
 from __future__ import annotations
