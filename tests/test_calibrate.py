@@ -382,3 +382,22 @@ def test_expected_tau_matches_the_engine(tiny, oracle_head):
                     toks += r.step_tokens
         measured = toks / steps
         assert acc.expected_tau(spec) == pytest.approx(measured, rel=0.12), shape
+
+
+def test_cost_model_and_optimiser_import_no_mlx():
+    """The cost model, acceptance model, optimiser and tree shape are pure
+    Python: none of their imports (at the top or inside functions) is MLX."""
+    import ast
+    from pathlib import Path
+
+    import eagle3_mlx
+
+    root = Path(eagle3_mlx.__file__).parent
+    for rel in ("tuning/costs.py", "tuning/acceptance.py", "tuning/optimise.py", "treespec.py"):
+        tree = ast.parse((root / rel).read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in names if m.split(".")[0] in ("mlx", "mlx_lm")], (rel, names)
+        # and within the package they import only each other
+        relative = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+        assert relative <= {"treespec", "costs", "acceptance"}, (rel, relative)
