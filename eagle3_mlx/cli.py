@@ -1,4 +1,10 @@
-"""The ``eagle3-mlx`` console script: dispatches to one module per sub-command."""
+"""The ``eagle3-mlx`` console script: dispatches to one module per sub-command.
+
+Contract: ``main`` imports only the chosen sub-command's module (each owns its
+argparse parser and returns an exit status) after re-executing with OpenBLAS
+where that helps; ``generate`` is defined here: one prompt, streamed to stdout,
+statistics (:func:`eagle3_mlx.runs.format_stats`) to stderr.
+"""
 
 from __future__ import annotations
 

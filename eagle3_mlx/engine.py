@@ -8,6 +8,14 @@ KV cache is compacted (commit), and statistics are updated (stats).
 The engine keeps its caches between calls and reuses the longest common token
 prefix of the next prompt, so a chat passes its whole conversation each turn.
 All MLX work must stay on the thread that runs the engine.
+
+Contract: ``Engine.stream_generate`` yields one :class:`GenerationResponse` per
+committed token, every one a real token; the last carries the finish reason
+("stop", "length", "context" or "cancelled"). Greedy output is token-identical
+to the target's own greedy decoding and sampled output follows the target's
+distribution exactly, whatever the tree or draft source. :func:`verify_step`
+and :func:`decode_step` are the step's two halves as functions, so the tuning
+measurements time exactly what a step runs.
 """
 
 from __future__ import annotations
