@@ -5,8 +5,10 @@ Contract (``Guard(app, api_key=..., max_body_bytes=...)``):
   (compared in constant time); otherwise 401 with OpenAI's error JSON. The
   check runs on the headers, before any of the body is read.
 * The body is read here, up to ``max_body_bytes``: a larger ``Content-Length``
-  is refused at once, and a chunked body is refused as soon as it passes the
-  limit (413 either way). POST bodies are JSON whatever their Content-Type
+  or a chunked body that passes the limit is refused with 413. The refusal is
+  sent once the client has finished sending (the rest is read and dropped, up
+  to ``DRAIN_FACTOR`` times the limit): closing a socket that still holds unread
+  data resets the connection, and the client would then lose the 413. POST bodies are JSON whatever their Content-Type
   says (``curl -d`` sends a form type). The route then gets the buffered body, and later
   ``receive()`` calls go to the server so disconnects are still seen.
 """
@@ -17,6 +19,8 @@ import hmac
 import json
 
 from .schemas import error_body
+
+DRAIN_FACTOR = 8    # a refused body is read and dropped up to this many times the limit
 
 
 async def send_error(send, status: int, body: dict, headers=()):
@@ -46,6 +50,7 @@ class Guard:
         declared = headers.get(b"content-length")
         too_big = error_body(f"request body is larger than {self.max_body} bytes", code="body_too_large")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            await self._drain(receive, 0)
             return await send_error(send, 413, too_big, [(b"connection", b"close")])
         chunks, size = [], 0
         while True:
@@ -55,6 +60,8 @@ class Guard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body:
+                if message.get("more_body", False):
+                    await self._drain(receive, size)
                 return await send_error(send, 413, too_big, [(b"connection", b"close")])
             if not message.get("more_body", False):
                 break
@@ -74,3 +81,14 @@ class Guard:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+    async def _drain(self, receive, size: int):
+        """Read and drop the rest of a refused body (``size`` bytes already
+        read), up to the drain cap; a larger one is cut off all the same."""
+        while size <= DRAIN_FACTOR * self.max_body:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
