@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aux-layer-ids", metavar="I,J,K",
                    help="heads: override the aux target layers (HF hidden-states indices)")
     p.add_argument("--rope-theta", type=float, metavar="BASE", help="heads: override the draft RoPE base")
+    p.add_argument("--draft-feedback", choices=("prenorm", "normed"),
+                   help="heads: the state fed back between draft steps (default: normed when the config "
+                        "sets norm_output, else prenorm; SpecForge heads trained before 2026-09 need prenorm)")
     return p
 
 
@@ -116,7 +119,7 @@ def run(args) -> None:
             head = convert_head(hs, stage, dtype=args.dtype, quantize=quantize,
                                 q_bits=quant and quant[1], q_group_size=quant and quant[0],
                                 q_mode=args.q_mode, aux_layer_ids=aux, rope_theta=args.rope_theta,
-                                target_config=target, log=_say)
+                                target_config=target, feedback=args.draft_feedback, log=_say)
         c = head.config
         _say(f"wrote MLX head to {out} (layers {c.num_hidden_layers}, hidden {c.hidden_size}, "
              f"draft vocab {c.draft_vocab_size}/{c.vocab_size}, rope_theta {c.rope_theta:g}, "
