@@ -35,9 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: the product's default model)")
     p.add_argument("--draft", help="EAGLE-3 draft head: MLX head directory or Hugging Face repo "
                                    "(without one, --model speculates from context n-grams)")
-    from eagle3_mlx.cli import add_draft_source_arg
+    from eagle3_mlx.cli import add_draft_feedback_arg, add_draft_source_arg
 
     add_draft_source_arg(p)
+    add_draft_feedback_arg(p)
     p.add_argument("--system", default="", help="system prompt")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy; default 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")
@@ -120,7 +121,7 @@ def resolve_paths(model: str | None, draft: str | None, progress: Callable[..., 
 
 def make_loader(model: str | None, draft: str | None, tree: dict | None = None,
                 tree_arg: str = "auto", tuner_options: dict | None = None,
-                draft_source: str | None = None):
+                draft_source: str | None = None, draft_feedback: str | None = None):
     """A loader for EngineThread: runs on the engine thread, returns the engine.
     Explicit tree options win; otherwise ``tree_arg`` ('auto' calibrates once per
     machine and model, then reads the cache).
@@ -139,7 +140,7 @@ def make_loader(model: str | None, draft: str | None, tree: dict | None = None,
                  else f"Loading {_name(m)} (no draft head: context n-grams draft)…")
         from eagle3_mlx.api import load
 
-        engine = load(m, d, draft_source=draft_source, **tree)
+        engine = load(m, d, draft_source=draft_source, draft_feedback=draft_feedback, **tree)
         if not tree and engine.head is not None:
             from eagle3_mlx.cli import apply_tree_arg
 
@@ -208,7 +209,8 @@ def smoke(args) -> int:
     from eagle3_mlx.cli import RUN_TUNE_STEPS, finish_run_tuning
 
     loader = make_loader(args.model, args.draft, tree_kwargs(args), args.tree,
-                         tuner_options={"every": RUN_TUNE_STEPS}, draft_source=args.draft_source)
+                         tuner_options={"every": RUN_TUNE_STEPS}, draft_source=args.draft_source,
+                         draft_feedback=args.draft_feedback)
     try:
         engine = loader(progress)
     except ChatSetupError as exc:
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     from .app import ChatApp
 
     app = ChatApp(make_loader(args.model, args.draft, tree_kwargs(args), args.tree,
-                              draft_source=args.draft_source),
+                              draft_source=args.draft_source, draft_feedback=args.draft_feedback),
                   settings=settings_from_args(args), model_label=model_label(args.model, args.draft))
     app.plain = args.plain
     app.run()
