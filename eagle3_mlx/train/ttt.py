@@ -100,12 +100,14 @@ def ttt_attention(attn, q, k0, v0, extra_k: List, extra_v: List, causal_bias):
     return o.reshape(B, nh, T, hd).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
 
 
-def causal_bias(T: int, dtype=mx.float32, window=None):
-    """Additive causal mask [T, T]; with ``window``, also keys window or more back."""
+def causal_bias(T: int, dtype=mx.float32, window=None, step: int = 0):
+    """Additive causal mask [T, T]; with ``window``, also the step-0 keys j
+    that are ``window`` or more behind the query's RoPE position t + step (as
+    the engine masks a draft at tree level step)."""
     i = mx.arange(T)
     keep = i[None, :] <= i[:, None]
     if window is not None:
-        keep = keep & (i[:, None] - i[None, :] < window)
+        keep = keep & (i[:, None] + step - i[None, :] < window)
     return mx.where(keep, 0.0, -1e9).astype(dtype)
 
 
@@ -146,15 +148,18 @@ def ttt_forward(head, feats, emb, steps: int, rows=None, emb_rows=None):
     v0 = attn.heads(a_full, "v")
     if full_rows:
         a, h_rows = a_full, h
-        bias = causal_bias(T, h.dtype, window)
+        bias_at = lambda s: causal_bias(T, h.dtype, window, s)  # noqa: E731
     else:
         gather = lambda x: mx.take_along_axis(x, rows[..., None], axis=1)
         a, h_rows = gather(a_full), gather(h)
         hn = gather(hn)
         keep = mx.arange(T)[None, None, :] <= rows[:, :, None]            # [B, R, T]
-        if window is not None:
-            keep = keep & (rows[:, :, None] - mx.arange(T)[None, None, :] < window)
-        bias = mx.where(keep, 0.0, -1e9).astype(h.dtype)[:, None, None]     # [B,1,1,R,T]
+
+        def bias_at(s):  # [B,1,1,R,T]
+            k = keep
+            if window is not None:
+                k = k & (rows[:, :, None] + s - mx.arange(T)[None, None, :] < window)
+            return mx.where(k, 0.0, -1e9).astype(h.dtype)[:, None, None]
     h = h_rows
     ek, ev = [], []
     for s in range(steps):
@@ -168,6 +173,8 @@ def ttt_forward(head, feats, emb, steps: int, rows=None, emb_rows=None):
         if s > 0:
             ek.append(_rope_rows(attn.rope, attn.heads(a, "k"), pos))
             ev.append(attn.heads(a, "v"))
+        if s == 0 or window is not None:
+            bias = bias_at(s)
         o = ttt_attention(attn, q, k0, v0, ek, ev, bias)
         h1 = res + attn.o_proj(o)
         # The state fed to step s+1 is the final-normed one for norm_output heads.
