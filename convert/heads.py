@@ -227,10 +227,12 @@ class HeadSource:
         return ConvertError(self.weights.origin.get(name, self.src), reason)
 
     def build(self, *, dtype=None, aux_layer_ids=None, rope_theta=None, feedback=None,
-              num_target_layers=None):
+              num_target_layers=None, rope_from=None):
         """-> Eagle3Head with the checkpoint's weights. ``feedback`` overrides
         the fed-back state; ``num_target_layers`` (L, when the target is known)
-        settles ambiguous aux id conventions."""
+        settles ambiguous aux id conventions; ``rope_from`` (a target config)
+        gives the draft the verifier's RoPE base and scaling, as speculators
+        trains it (its converter once dropped ``rope_scaling``)."""
         import mlx.core as mx
         import numpy as np
 
@@ -338,6 +340,10 @@ class HeadSource:
             raise ConvertError(self.src, f"the head has no embed_tokens.weight and its hidden_size {H} != "
                                          f"target hidden size {Ht}, so the target's embedding cannot be shared")
         theta, scaling = _rope(cfg)
+        if rope_from is not None:
+            theta, scaling = _rope(rope_from.get("text_config") or rope_from)
+            self.log(f"note: draft RoPE from the target: base {theta:g}"
+                     + (f", {scaling.get('rope_type') or scaling.get('type')} scaling" if scaling else ""))
         if rope_theta is not None:
             theta = float(rope_theta)
         if aux_from and aux_from.startswith("eagle_config") and "+1" in aux_from:
@@ -462,7 +468,7 @@ class HeadSource:
 
 def convert_head(head_src: HeadSource, stage: Path, *, dtype=None, quantize=False, q_bits=None,
                  q_group_size=None, q_mode="affine", aux_layer_ids=None, rope_theta=None,
-                 target_config=None, feedback=None, log=print):
+                 target_config=None, feedback=None, rope_from_target=False, log=print):
     """Build the MLX head, check it against ``target_config`` (if given),
     quantize it (if asked) and save it into ``stage``. Returns the head."""
     from eagle3_mlx.head import quantize_head, save_head
@@ -473,7 +479,8 @@ def convert_head(head_src: HeadSource, stage: Path, *, dtype=None, quantize=Fals
 
     L = target_dims(target_config[0])["num_hidden_layers"] if target_config is not None else None
     head = head_src.build(dtype=dtype, aux_layer_ids=aux_layer_ids, rope_theta=rope_theta,
-                          feedback=feedback, num_target_layers=L)
+                          feedback=feedback, num_target_layers=L,
+                          rope_from=target_config[0] if rope_from_target and target_config else None)
     if target_config is not None:
         cfg, where = target_config
         try:

@@ -284,3 +284,19 @@ def test_zz_print_parity_table():
     print("\n[parity] 2026 layouts, MLX (fp32) vs NumPy reference (fp64), fed-back states and logits over two steps:")
     for k, v in PARITY.items():
         print(f"[parity]   {k:40s} max abs diff {v:.2e}")
+
+
+def test_rope_from_the_verifier(tmp_path, capsys):
+    w = weights_2026()
+    src = write_head("speculators", tmp_path / "src", w)
+    tgt = tmp_path / "target"
+    tgt.mkdir()
+    (tgt / "config.json").write_text(json.dumps({
+        "hidden_size": 64, "vocab_size": 384, "num_hidden_layers": 4, "rope_theta": 1e6,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}}))
+    out = convert(src, tmp_path / "mlx", "--target", tgt, "--rope-from-target")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_theta"] == 1e6 and cfg["rope_scaling"]["rope_type"] == "yarn"
+    assert "draft RoPE from the target: base 1e+06, yarn scaling" in capsys.readouterr().out
+    assert main([str(src), "--mlx-path", str(tmp_path / "x"), "--rope-from-target"]) == 1
+    assert "--rope-from-target: needs --target" in capsys.readouterr().err
