@@ -139,11 +139,15 @@ class HeadConfig:
             kw["rope_theta"] = 10000.0
         if "bias" in d and "fc_bias" not in d:
             kw["fc_bias"] = bool(d["bias"])
-        eagle_cfg = d.get("eagle_config") or {}
-        if kw.get("aux_layer_ids") is None and eagle_cfg.get("eagle_aux_hidden_state_layer_ids"):
-            kw["aux_layer_ids"] = list(eagle_cfg["eagle_aux_hidden_state_layer_ids"])
-        if kw.get("aux_layer_ids") is None and d.get("eagle_aux_hidden_state_layer_ids"):
-            kw["aux_layer_ids"] = list(d["eagle_aux_hidden_state_layer_ids"])
+        if kw.get("aux_layer_ids") is None:
+            from .convert.compat import aux_ids_from_config  # the one table of id conventions
+
+            kw["aux_layer_ids"] = aux_ids_from_config(d)[0]
+        if "eagle3_mlx_format" not in d:
+            # A published config: whether its window applies (use_sliding_window,
+            # layer_types) and what it feeds back are the converter's to decide.
+            for k in ("sliding_window", "layer_types", "feedback"):
+                kw.pop(k, None)
         return cls(**kw)
 
     def to_dict(self) -> dict:
