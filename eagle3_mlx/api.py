@@ -19,7 +19,7 @@ def resolve_path(path_or_repo: str) -> Path:
 
 
 def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | None = None,
-         draft_feedback: str | None = None, **spec_options) -> Engine:
+         draft_feedback: str | None = None, log=None, **spec_options) -> Engine:
     """Load a target and (optionally) an EAGLE-3 head and return an
     :class:`Engine`. Without a head the engine drafts from context n-grams.
 
@@ -27,7 +27,8 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
     converter reads: MLX ones load as they are, others are converted once into
     the per-user cache and reused (:mod:`eagle3_mlx.hub_cache`).
     ``draft_feedback`` ("prenorm" or "normed") overrides the state the head
-    feeds back between draft steps (EAGLE-3.1 ``norm_output``).
+    feeds back between draft steps (EAGLE-3.1 ``norm_output``). ``log``: where
+    conversion progress goes (default: stderr).
 
     ``spec_options``: ``top_k``, ``depth``, ``total_tokens``, ``kv_bits``,
     ``kv_group_size``, ``max_context``, ``aux_layer_ids``, ``draft_source``
@@ -38,10 +39,17 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
 
     from .hub_cache import resolve_head, resolve_model
 
-    model, tokenizer = mlx_load(str(resolve_model(model_path)))
+    kw = {} if log is None else {"log": log}
+    model_dir = resolve_model(model_path, **kw)
+    model, tokenizer = mlx_load(str(model_dir))
     if model_dtype:
         cast_floating(model, model_dtype)
-    head = load_head(resolve_head(draft_path), feedback=draft_feedback) if draft_path else None
+    head = None
+    if draft_path:
+        # The target's config settles aux ids that read either way and is
+        # checked against the head before the conversion is cached.
+        head_dir = resolve_head(draft_path, target_config=model_dir / "config.json", **kw)
+        head = load_head(head_dir, feedback=draft_feedback)
     return Engine(model, tokenizer, head, **spec_options)
 
 

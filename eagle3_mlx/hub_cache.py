@@ -194,24 +194,34 @@ def cached_conversion(kind: str, spec: str, src: Path, options: dict,
 # Heads
 
 
-def resolve_head(spec: str, *, dtype: Optional[str] = None, log=_say) -> Path:
+def resolve_head(spec: str, *, dtype: Optional[str] = None, target_config=None, log=_say) -> Path:
     """An MLX head directory for ``spec`` (a directory or repo id in any
-    published head layout), converted once into the cache if needed."""
+    published head layout), converted once into the cache if needed.
+    ``target_config`` (a target's ``config.json`` path, optional): the head is
+    checked against it, and its layer count settles ambiguous aux ids (so it is
+    part of the cache key)."""
     from .head import is_mlx_head_dir
 
     src = fetch(str(spec))
     if is_mlx_head_dir(src):
         return src
     from .convert.errors import ConvertError
+    from .convert.sources import read_json
 
     try:
-        return cached_conversion("heads", spec, src, {"dtype": dtype},
-                                 lambda stage: _convert_head_into(src, stage, dtype, log), log=log)
+        target = None
+        if target_config is not None and Path(target_config).is_file():
+            target = (read_json(target_config), Path(target_config))
+        from .convert.compat import target_dims
+
+        layers = target_dims(target[0])["num_hidden_layers"] if target else None
+        return cached_conversion("heads", spec, src, {"dtype": dtype, "target_layers": layers},
+                                 lambda stage: _convert_head_into(src, stage, dtype, log, target), log=log)
     except ConvertError as e:
         raise HubCacheError(f"--draft {spec}: {e}") from None
 
 
-def _convert_head_into(src: Path, stage: Path, dtype, log):
+def _convert_head_into(src: Path, stage: Path, dtype, log, target=None):
     from .convert.errors import ConvertError
     from .convert.heads import HeadSource, convert_head, looks_like_head
     from .convert.sources import WeightFiles, read_json
@@ -224,7 +234,7 @@ def _convert_head_into(src: Path, stage: Path, dtype, log):
         raise ConvertError(src, "not an EAGLE-3 head (a target model? pass it as --model)")
     hs = HeadSource(src, config, weights, log=log)
     log(f"eagle3-mlx: converting {hs.describe()} from {src} (once) ...")
-    convert_head(hs, stage, dtype=dtype, log=log)
+    convert_head(hs, stage, dtype=dtype, target_config=target, log=log)
 
 
 # ----------------------------------------------------------------------------

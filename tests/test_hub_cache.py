@@ -190,3 +190,18 @@ def test_unconverted_bin_target_from_the_hub(hub, tiny_dir, monkeypatch):
     ids = [5, 17, 42]
     assert eng.model is not None and len(list(eng.stream_generate(ids, max_tokens=3))) == 3
     assert hub_cache.resolve_model(str(tdir)) == tdir and len(calls) == 1
+
+
+def test_target_settles_aux_ids_and_is_part_of_the_key(hub, tiny, tiny_dir, counted, capsys):
+    """eagle_config ids [1, 3, L]: output-of-layer would need hf L+1, so with the
+    target known they are read as hf indices (and the target's L keys the entry)."""
+    model, _ = tiny("llama")
+    L = len(model.layers)
+    w = head_weights(model, 4)
+    hub(REPO, lambda d: write_head("modelopt", d, w, eagle_config={"eagle_aux_hidden_state_layer_ids": [1, 3, L]}),
+        "e" * 40)
+    eng = api.load(str(tiny_dir("llama")), REPO, draft_source="eagle", log=lambda m: None)
+    assert eng.head.config.aux_layer_ids == [1, 3, L] and eng.target.aux_layer_ids == [1, 3, L]
+    hub_cache.resolve_head(REPO, log=lambda m: None)  # no target: another entry (the +1 reading)
+    assert len(counted) == 2 and len(entries()) == 2
+    assert capsys.readouterr().err == ""  # log= took the progress lines

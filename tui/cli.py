@@ -140,7 +140,8 @@ def make_loader(model: str | None, draft: str | None, tree: dict | None = None,
                  else f"Loading {_name(m)} (no draft head: context n-grams draft)…")
         from eagle3_mlx.api import load
 
-        engine = load(m, d, draft_source=draft_source, draft_feedback=draft_feedback, **tree)
+        engine = load(m, d, draft_source=draft_source, draft_feedback=draft_feedback,
+                      log=lambda t: progress(str(t).removeprefix("eagle3-mlx: ")), **tree)
         if not tree and engine.head is not None:
             from eagle3_mlx.cli import apply_tree_arg
 
