@@ -55,6 +55,13 @@ def main(argv=None):
     return 0 if rc is None else rc
 
 
+def add_draft_feedback_arg(p: argparse.ArgumentParser):
+    """--draft-feedback, as generate, chat, bench and serve take it."""
+    p.add_argument("--draft-feedback", choices=("prenorm", "normed"), default=None,
+                   help="state the head feeds back between draft steps (default: what its config says; "
+                        "SpecForge EAGLE-3.1 heads trained before 2026-09 need prenorm)")
+
+
 def add_draft_source_arg(p: argparse.ArgumentParser):
     """--draft-source, as generate, chat and serve take it (bench takes a list)."""
     from .hybrid import SOURCES
@@ -62,13 +69,6 @@ def add_draft_source_arg(p: argparse.ArgumentParser):
     p.add_argument("--draft-source", choices=SOURCES, default=None,
                    help="what drafts the tree: the head (eagle), context n-grams (ngram), or both "
                         "in one tree (hybrid); default: hybrid with a head, ngram without")
-
-
-def add_draft_feedback_arg(p: argparse.ArgumentParser):
-    """--draft-feedback, as generate, chat, bench and serve take it."""
-    p.add_argument("--draft-feedback", choices=("prenorm", "normed"), default=None,
-                   help="state the head feeds back between draft steps (default: what its config says; "
-                        "SpecForge EAGLE-3.1 heads trained before 2026-09 need prenorm)")
 
 
 def add_tree_args(p: argparse.ArgumentParser):

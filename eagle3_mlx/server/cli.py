@@ -33,7 +33,7 @@ GRACEFUL_SHUTDOWN_S = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import add_draft_feedback_arg, add_draft_source_arg, add_tree_args
+    from ..cli import add_draft_source_arg, add_tree_args
 
     p = argparse.ArgumentParser(
         prog="eagle3-mlx serve",
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", help="EAGLE-3 head: MLX head directory or Hugging Face repo "
                                    "(with --model but no --draft, context n-grams draft)")
     add_draft_source_arg(p)
+    from ..cli import add_draft_feedback_arg
+
     add_draft_feedback_arg(p)
     p.add_argument("--model-name", default=None,
                    help="model id reported by /v1/models and in answers "
