@@ -264,7 +264,7 @@ class HeadSource:
             raise ConvertError(self.src, "the head has no lm_head.weight (heads that share the "
                                          "target's lm_head are not supported)")
         H, fc_in = shapes["fc.weight"]
-        from .compat import aux_ids_from_config, num_aux_states
+        from ..compat import aux_ids_from_config, num_aux_states
 
         if aux_layer_ids is not None:
             aux, aux_from = list(aux_layer_ids), "--aux-layer-ids"
@@ -473,9 +473,9 @@ def convert_head(head_src: HeadSource, stage: Path, *, dtype=None, quantize=Fals
     quantize it (if asked) and save it into ``stage``. Returns the head."""
     from eagle3_mlx.head import quantize_head, save_head
 
-    from .compat import HeadTargetMismatch, check_head_against_target
+    from ..compat import HeadTargetMismatch, check_head_against_target
 
-    from .compat import target_dims
+    from ..compat import target_dims
 
     L = target_dims(target_config[0])["num_hidden_layers"] if target_config is not None else None
     head = head_src.build(dtype=dtype, aux_layer_ids=aux_layer_ids, rope_theta=rope_theta,

@@ -54,12 +54,11 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
 
 
 def cast_floating(module, dtype: str):
+    """Cast ``module``'s floating-point parameters to ``dtype`` (a name, e.g.
+    "float32") in place; integer and packed quantized weights are left alone."""
     import mlx.core as mx
-    from mlx.utils import tree_map
 
-    dt = getattr(mx, dtype)
-    module.update(tree_map(lambda p: p.astype(dt) if mx.issubdtype(p.dtype, mx.floating) else p,
-                           module.parameters()))
+    module.set_dtype(getattr(mx, dtype))
     return module
 
 

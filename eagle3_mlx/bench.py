@@ -18,6 +18,10 @@ total plain tok/s); the per-category summary does the same per category.
 With ``--json FILE`` every finished prompt turn is also appended to
 ``FILE.partial.jsonl`` (a settings header, then one row a line), so
 ``--resume`` can continue a killed run and report old and new rows together.
+
+Why one module of ~700 lines: a run, its rows, the sidecar and the command are
+one procedure read top to bottom (``main`` lists its steps as functions); the
+tables and the plot live in :mod:`eagle3_mlx.bench_report`.
 """
 
 from __future__ import annotations
@@ -26,16 +30,22 @@ import argparse
 import hashlib
 import json
 import os
-import platform as _platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import calibrate as cal_mod
+from .bench_report import (format_grid, format_rows, format_sources,
+                           format_summary, write_plot)
+from .default_model import default_paths
+from .files import write_atomic
+from .platform import default_dtype, describe_machine, machine_info
 from .prompts import BenchPrompt, PromptSetError, load_prompts
+from .runs import Run, collect
 from .tree import TreeSpec
+from .tuning.cache import cache_path, quantization_of
+from .tuning.choose import calibrate, parse_tree, seed_hybrid
 
 #: Tree shapes compared by ``--grid`` (top_k, depth, total_tokens): chains,
 #: narrow and wide trees, small to large. The auto-calibrated tree is added.
@@ -50,69 +60,8 @@ def tree_label(spec: TreeSpec) -> str:
 
 
 # ----------------------------------------------------------------------------------
-# machine
-# ----------------------------------------------------------------------------------
-
-
-def machine_info() -> dict:
-    import mlx.core as mx
-
-    dev = cal_mod.device_description()
-    try:
-        from importlib.metadata import version
-
-        mlx_lm_version = version("mlx-lm")
-    except Exception:
-        mlx_lm_version = "?"
-    info = {
-        "platform": _platform.platform(),
-        "python": _platform.python_version(),
-        "cpu": dev.get("cpu"),
-        "cpu_count": dev.get("cpu_count"),
-        "backend": dev.get("backend"),
-        "device": dev.get("device_name") or dev.get("cpu"),
-        "mlx": mx.__version__,
-        "mlx_lm": mlx_lm_version,
-        "openblas_preloaded": cal_mod.openblas_loaded(),
-    }
-    if "memory_gb" in dev:
-        info["memory_gb"] = dev["memory_gb"]
-    return info
-
-
-def describe_machine(m: dict) -> str:
-    blas = "OpenBLAS preloaded" if m.get("openblas_preloaded") else "no OpenBLAS"
-    if m.get("backend") != "cpu":
-        blas = ""
-    gpu = f" | GPU {m['device']}" if m.get("backend") != "cpu" else ""
-    return (f"{m['platform']} | CPU {m['cpu']} x{m['cpu_count']}{gpu} | backend {m['backend']}"
-            f"{' | ' + blas if blas else ''} | mlx {m['mlx']} | mlx-lm {m['mlx_lm']}")
-
-
-# ----------------------------------------------------------------------------------
 # one run of each kind
 # ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    tokens: List[int] = field(default_factory=list)
-    text: str = ""
-    first_s: float = 0.0          # call -> first token (prompt processing)
-    decode_s: float = 0.0         # first token -> last token
-    steps: int = 0                # target forwards (spec runs)
-    draft_ms: float = 0.0
-    verify_ms: float = 0.0
-    finish: Optional[str] = None
-    source_tokens: Optional[dict] = None  # accepted drafted tokens per draft source
-
-    @property
-    def decode_tokens(self) -> int:
-        return max(0, len(self.tokens) - 1)
-
-    @property
-    def tps(self) -> Optional[float]:
-        return self.decode_tokens / self.decode_s if self.decode_s > 0 and self.decode_tokens else None
 
 
 def run_plain(model, tokenizer, ids: list, max_tokens: int, temp: float = 0.0,
@@ -127,48 +76,15 @@ def run_plain(model, tokenizer, ids: list, max_tokens: int, temp: float = 0.0,
         kw["sampler"] = make_sampler(temp)
     if seed is not None:
         mx.random.seed(seed)
-    run = Run()
-    t0 = time.perf_counter()
-    t_first = t_last = None
-    for r in stream_generate(model, tokenizer, list(ids), max_tokens=max_tokens, **kw):
-        now = time.perf_counter()
-        if t_first is None:
-            t_first = now
-        t_last = now
-        run.tokens.append(int(r.token))
-        run.text += r.text
-        run.finish = r.finish_reason
-    if t_first is not None:
-        run.first_s = t_first - t0
-        run.decode_s = t_last - t_first
-    return run
+    return collect(stream_generate(model, tokenizer, list(ids), max_tokens=max_tokens, **kw))
 
 
 def run_spec(engine, ids: list, max_tokens: int, temp: float = 0.0, seed: Optional[int] = None,
              draft_source: Optional[str] = None) -> Run:
     """EAGLE-3 speculative decoding of ``ids`` (fresh caches, no prefix reuse)."""
     engine.reset()
-    run = Run()
-    t0 = time.perf_counter()
-    t_first = t_last = None
-    for r in engine.stream_generate(list(ids), max_tokens=max_tokens, temp=temp, seed=seed,
-                                    draft_source=draft_source):
-        now = time.perf_counter()
-        if r.token >= 0:
-            if t_first is None:
-                t_first = now
-            t_last = now
-            run.tokens.append(int(r.token))
-        run.text += r.text
-        run.steps = r.steps
-        run.finish = r.finish_reason
-        run.source_tokens = r.source_tokens or run.source_tokens
-        if r.new_step:
-            run.draft_ms += r.draft_ms
-            run.verify_ms += r.verify_ms
-    if t_first is not None:
-        run.first_s = t_first - t0
-        run.decode_s = t_last - t_first
+    run = collect(engine.stream_generate(list(ids), max_tokens=max_tokens, temp=temp, seed=seed,
+                                         draft_source=draft_source))
     engine.reset()
     return run
 
@@ -395,101 +311,6 @@ def run_bench(engine, prompts: List[BenchPrompt], *, trees: List[TreeSpec], turn
 
 
 # ----------------------------------------------------------------------------------
-# output
-# ----------------------------------------------------------------------------------
-
-
-def _f(x, fmt="{:.2f}", none="-"):
-    return none if x is None else fmt.format(x)
-
-
-def format_rows(rows: List[dict]) -> str:
-    lines = [f"{'id':>6} {'category':<11} {'turn':>4} {'tokens':>6} {'tau':>5} {'spec t/s':>8} "
-             f"{'plain t/s':>9} {'speedup':>7}  same"]
-    for r in rows:
-        same = {True: "yes", False: f"no@{r['first_mismatch']}", None: "n/a"}[r["identical"]]
-        lines.append(f"{r['id']:>6} {r['category'][:11]:<11} {r['turn']:>4} {r['tokens']:>6} "
-                     f"{_f(r['tau']):>5} {_f(r['spec_tps'], '{:.1f}'):>8} {_f(r['plain_tps'], '{:.1f}'):>9} "
-                     f"{_f(r['speedup'], '{:.2f}x'):>7}  {same}")
-    return "\n".join(lines)
-
-
-def format_summary(cats: Dict[str, dict], total: dict) -> str:
-    lines = [f"{'category':<12} {'prompts':>7} {'tokens':>7} {'tau':>5} {'spec t/s':>8} {'plain t/s':>9} "
-             f"{'speedup':>7} {'identical':>9}"]
-
-    def line(name, s):
-        ident = "-" if s["identical"] is None else f"{s['identical']}/{s['compared']}"
-        return (f"{name[:12]:<12} {s['prompts']:>7} {s['tokens']:>7} {_f(s['tau']):>5} "
-                f"{_f(s['spec_tps'], '{:.1f}'):>8} {_f(s['plain_tps'], '{:.1f}'):>9} "
-                f"{_f(s['speedup'], '{:.2f}x'):>7} {ident:>9}")
-
-    for c in sorted(cats):
-        lines.append(line(c, cats[c]))
-    lines.append("-" * len(lines[0]))
-    lines.append(line("overall", total))
-    return "\n".join(lines)
-
-
-def format_sources(by_source: Dict[str, dict]) -> str:
-    """One line per draft source and category: tau and speedup side by side."""
-    cats = sorted({c for v in by_source.values() for c in v["categories"]})
-    names = list(by_source)
-    w = max(len(c) for c in cats + ["category", "overall"])
-    head = f"{'category':<{w}} " + " ".join(f"{n + ' tau':>11} {n + ' x':>9}" for n in names)
-    lines = [head]
-    for c in cats + ["overall"]:
-        cells = []
-        for n in names:
-            v = by_source[n]["summary"] if c == "overall" else by_source[n]["categories"].get(c, {})
-            cells.append(f"{_f(v.get('tau')):>11} {_f(v.get('speedup'), '{:.2f}x'):>9}")
-        lines.append(f"{c:<{w}} " + " ".join(cells))
-    return "\n".join(lines)
-
-
-def format_grid(grid: List[dict], chosen: Optional[str]) -> str:
-    lines = [f"{'tree k,d,n':<11} {'tau':>5} {'spec t/s':>8} {'speedup':>7} {'vs best':>7}"]
-    best = max((g["summary"]["spec_tps"] or 0) for g in grid) or 1.0
-    for g in sorted(grid, key=lambda g: -(g["summary"]["spec_tps"] or 0)):
-        s = g["summary"]
-        mark = "  <- auto" if g["tree"] == chosen else ""
-        lines.append(f"{g['tree']:<11} {_f(s['tau']):>5} {_f(s['spec_tps'], '{:.1f}'):>8} "
-                     f"{_f(s['speedup'], '{:.2f}x'):>7} {_f((s['spec_tps'] or 0) / best, '{:.1%}'):>7}{mark}")
-    return "\n".join(lines)
-
-
-def write_plot(path, cats: Dict[str, dict], total: dict, title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = sorted(cats)
-    sp = [cats[c]["speedup"] or 0 for c in names]
-    tau = [cats[c]["tau"] or 0 for c in names]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    axes[0].bar(names, sp, color="#4C72B0")
-    axes[0].axhline(1.0, color="gray", lw=1, ls="--")
-    if total.get("speedup"):
-        axes[0].axhline(total["speedup"], color="#C44E52", lw=1.2, label=f"overall {total['speedup']:.2f}x")
-        axes[0].legend(loc="lower right")
-    axes[0].set_ylabel("speedup vs plain mlx-lm")
-    axes[0].set_title("speedup per category")
-    axes[1].bar(names, tau, color="#55A868")
-    if total.get("tau"):
-        axes[1].axhline(total["tau"], color="#C44E52", lw=1.2, label=f"overall {total['tau']:.2f}")
-        axes[1].legend(loc="lower right")
-    axes[1].set_ylabel("tau (tokens per target forward)")
-    axes[1].set_title("tau per category")
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=35)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------
 # resumable runs: the per-prompt sidecar
 # ----------------------------------------------------------------------------------
 
@@ -542,13 +363,6 @@ def settings_mismatch(old: dict, new: dict) -> List[str]:
             if get(old, k) != get(new, k) and not (greedy and k == "seed")]
 
 
-def write_atomic(path: Path, text: str):
-    # temp file + rename: an interrupted write never leaves a truncated result behind.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------
@@ -568,7 +382,7 @@ def _parse_sources(text: str) -> List[str]:
 def _parse_grid(text: Optional[str]) -> List[TreeSpec]:
     if not text:
         return [TreeSpec(*t) for t in DEFAULT_GRID]
-    return [cal_mod.parse_tree(t) for t in text.replace(";", " ").split()]
+    return [parse_tree(t) for t in text.replace(";", " ").split()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -620,144 +434,187 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Refused(Exception):
+    """A bench run that cannot start; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def _log(s: str):
+    print(s, file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    err = lambda s: print(f"eagle3-mlx bench: error: {s}", file=sys.stderr)  # noqa: E731
+    try:
+        check_args(args)
+        prompts, fixed, grid = read_selection(args)
+        model, draft, dtype = resolve_target(args)
+        settings = run_settings(args, model, draft, dtype)
+        records = resume_records(args, settings)
+        engine = load_engine(model, draft, dtype, args)
+    except _Refused as e:
+        print(f"eagle3-mlx bench: error: {e}", file=sys.stderr)
+        return e.code
+    machine = machine_info()
+    _log(f"machine: {describe_machine(machine)}")
+    tree, calibration = choose_tree(engine, args, fixed)
+    trees = [tree] + [g for g in grid if tree_label(g) != tree_label(tree)]
+    res = run_with_sidecar(engine, prompts, trees, args, settings, records, fixed, grid)
+    if res is None:
+        return 130
+    result = build_result(res, engine, args, prompts, tree, fixed, grid, calibration, machine,
+                          model, draft, dtype)
+    print_report(result, res, args, prompts, tree, fixed, grid, model, draft)
+    write_outputs(result, args, model, draft, tree)
+    return 0
+
+
+def check_args(args):
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            err("--plot needs matplotlib, which is not installed; install the optional extra: "
-                "pip install 'eagle3-mlx[plot]' (or pip install matplotlib)")
-            return 2
+            raise _Refused("--plot needs matplotlib, which is not installed; install the optional "
+                           "extra: pip install 'eagle3-mlx[plot]' (or pip install matplotlib)", 2) from None
     if args.max_tokens < 1:
-        err("--max-tokens must be >= 1")
-        return 2
+        raise _Refused("--max-tokens must be >= 1", 2)
     if args.resume and not args.json:
-        err("--resume needs --json FILE (the run to continue is FILE.partial.jsonl)")
-        return 2
+        raise _Refused("--resume needs --json FILE (the run to continue is FILE.partial.jsonl)", 2)
+
+
+def read_selection(args):
+    """(prompts, the --tree spec or None for auto, the --grid trees)."""
     try:
         prompts = load_prompts(args.prompts, limit=args.limit, categories=args.category)
-        fixed = cal_mod.parse_tree(args.tree)
+        fixed = parse_tree(args.tree)
         grid = _parse_grid(args.grid_trees) if args.grid else []
     except (PromptSetError, ValueError) as e:
-        err(str(e))
-        return 2
+        raise _Refused(str(e), 2) from None
+    return prompts, fixed, grid
 
+
+def resolve_target(args):
+    try:
+        model, draft = default_paths(args.model, args.draft)
+    except ValueError as e:
+        raise _Refused(str(e), 1) from None
+    return model, draft, args.dtype or default_dtype()
+
+
+def run_settings(args, model, draft, dtype) -> dict:
+    """What a resumed run must share with the run it continues."""
+    return {"model": str(model), "draft": str(draft), "dtype": dtype, "prompts": args.prompts,
+            "turns": args.turns, "max_tokens": args.max_tokens, "temp": args.temp, "seed": args.seed,
+            "system": args.system, "draft_source": ",".join(args.draft_source)}
+
+
+def resume_records(args, settings) -> List[dict]:
+    """Rows already in the sidecar of the run ``--resume`` continues (checked
+    before anything is loaded; a refused sidecar is left untouched)."""
+    sidecar = sidecar_path(args.json) if args.json else None
+    if not args.resume:
+        return []
+    if not (sidecar.exists() and sidecar.stat().st_size):
+        _log(f"note: no {sidecar} to resume; starting from scratch")
+        return []
+    old, records, good = read_sidecar(sidecar)
+    if old is None:
+        raise _Refused(f"--resume: {sidecar} has no settings header; not a bench sidecar", 2)
+    diff = settings_mismatch(old, settings)
+    if diff:
+        raise _Refused(f"--resume: {sidecar} was written with {'; '.join(diff)}; rerun with the same "
+                       "settings, or without --resume to start over", 2)
+    if good < sidecar.stat().st_size:
+        _log(f"note: dropping the torn last line of {sidecar}")
+        os.truncate(sidecar, good)
+    return records
+
+
+def load_engine(model, draft, dtype, args):
     from . import api
 
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        model, draft = cal_mod.default_model_paths(args.model, args.draft)
-    except ValueError as e:
-        err(str(e))
-        return 1
-    dtype = args.dtype or cal_mod.default_dtype()
-    settings = {"model": str(model), "draft": str(draft), "dtype": dtype, "prompts": args.prompts,
-                "turns": args.turns, "max_tokens": args.max_tokens, "temp": args.temp, "seed": args.seed,
-                "system": args.system, "draft_source": ",".join(args.draft_source)}
-    sidecar = sidecar_path(args.json) if args.json else None
-    records: List[dict] = []
-    if args.resume and sidecar.exists() and sidecar.stat().st_size:
-        # Check before loading anything, and leave a refused sidecar untouched.
-        old, records, good = read_sidecar(sidecar)
-        if old is None:
-            err(f"--resume: {sidecar} has no settings header; not a bench sidecar")
-            return 2
-        diff = settings_mismatch(old, settings)
-        if diff:
-            err(f"--resume: {sidecar} was written with {'; '.join(diff)}; rerun with the same "
-                "settings, or without --resume to start over")
-            return 2
-        if good < sidecar.stat().st_size:
-            log(f"note: dropping the torn last line of {sidecar}")
-            os.truncate(sidecar, good)
-    elif args.resume:
-        log(f"note: no {sidecar} to resume; starting from scratch")
-
-    try:
-        engine = api.load(model, draft, model_dtype=dtype, draft_source=args.draft_source[0],
-                          draft_feedback=args.draft_feedback)
+        return api.load(model, draft, model_dtype=dtype, draft_source=args.draft_source[0],
+                        draft_feedback=args.draft_feedback)
     except (ValueError, FileNotFoundError, OSError) as e:
-        err(str(e))
-        return 1
+        raise _Refused(str(e), 1) from None
 
-    machine = machine_info()
-    log(f"machine: {describe_machine(machine)}")
+
+def choose_tree(engine, args, fixed):
+    """The tree to measure (``--tree``, or calibrated for ``auto``) and the
+    calibration behind it (None for a fixed tree); seeds hybrid drafting."""
     calibration = None
     if fixed is None:
-        calibration = cal_mod.calibrate(engine, force=args.recalibrate, quick=args.quick_calibration,
-                                        log=log)
+        calibration = calibrate(engine, force=args.recalibrate, quick=args.quick_calibration, log=_log)
         tree = calibration.spec
-        log(f"tree: auto -> {tree} (calibrated: expected tau {calibration.choice.tau:.2f}, "
-            f"{calibration.choice.speedup:.2f}x)")
+        _log(f"tree: auto -> {tree} (calibrated: expected tau {calibration.choice.tau:.2f}, "
+             f"{calibration.choice.speedup:.2f}x)")
     else:
         tree = fixed
-        log(f"tree: {tree}")
+        _log(f"tree: {tree}")
     # hybrid trees rank and size n-gram candidates by what calibration measured
-    cal_mod.seed_hybrid(engine, calibration)
+    seed_hybrid(engine, calibration)
+    return tree, calibration
+
+
+def run_with_sidecar(engine, prompts, trees, args, settings, records, fixed, grid):
+    """:func:`run_bench` over every configuration, appending each finished row
+    to the sidecar; None when interrupted (the sidecar keeps what finished)."""
     sources = args.draft_source
-    trees = [tree] + [g for g in grid if tree_label(g) != tree_label(tree)]
+    sidecar = sidecar_path(args.json) if args.json else None
     n_items = sum(min(args.turns, len(p.turns)) for p in prompts)
     n_cfg = len(trees) * len(sources)
-    log(f"{n_items} prompt turns x (plain + {n_cfg} speculative configuration{'s' if n_cfg > 1 else ''}: "
-        f"{len(trees)} tree{'s' if len(trees) > 1 else ''} x draft sources {','.join(sources)}), "
-        f"max_tokens {args.max_tokens}, temp {args.temp}")
-
+    _log(f"{n_items} prompt turns x (plain + {n_cfg} speculative configuration{'s' if n_cfg > 1 else ''}: "
+         f"{len(trees)} tree{'s' if len(trees) > 1 else ''} x draft sources {','.join(sources)}), "
+         f"max_tokens {args.max_tokens}, temp {args.temp}")
     done = {(r["tree"], r["key"], r["turn"]): r for r in records}
     wanted = {(config_label(t, src, sources), prompt_key(p), turn) for t in trees for src in sources
               for p in prompts
               for turn in range(1, min(args.turns, len(p.turns)) + 1)}
     if done:
-        log(f"resume: {len(wanted & done.keys())} of {len(wanted)} rows already in {sidecar}"
-            + (f" ({len(done.keys() - wanted)} others there are outside this selection and not reported)"
-               if done.keys() - wanted else ""))
+        _log(f"resume: {len(wanted & done.keys())} of {len(wanted)} rows already in {sidecar}"
+             + (f" ({len(done.keys() - wanted)} others there are outside this selection and not reported)"
+                if done.keys() - wanted else ""))
     mode = {"tree": "auto" if fixed is None else "fixed", "grid": bool(grid)}
     f = None
     if sidecar:
         if not args.resume and sidecar.exists():
-            log(f"note: replacing {sidecar} from an earlier run (pass --resume to continue it instead)")
+            _log(f"note: replacing {sidecar} from an earlier run (pass --resume to continue it instead)")
         sidecar.parent.mkdir(parents=True, exist_ok=True)
         f = open(sidecar, "a" if args.resume else "w", encoding="utf-8")
         if f.tell() == 0:
             append_line(f, {"eagle3_mlx_bench_sidecar": 1, "settings": settings})
     try:
-        res = run_bench(engine, prompts, trees=trees, turns=args.turns, max_tokens=args.max_tokens,
-                        temp=args.temp, seed=args.seed, warmup=not args.no_warmup,
-                        progress=not args.no_progress, system=args.system, log=log, done=done,
-                        on_row=(lambda rec: append_line(f, {**rec, "mode": mode})) if f else None,
-                        sources=sources)
+        return run_bench(engine, prompts, trees=trees, turns=args.turns, max_tokens=args.max_tokens,
+                         temp=args.temp, seed=args.seed, warmup=not args.no_warmup,
+                         progress=not args.no_progress, system=args.system, log=_log, done=done,
+                         on_row=(lambda rec: append_line(f, {**rec, "mode": mode})) if f else None,
+                         sources=sources)
     except KeyboardInterrupt:
         if f is None:
             raise
-        log(f"interrupted: finished prompts are in {sidecar}; rerun with --resume to continue")
-        return 130
+        _log(f"interrupted: finished prompts are in {sidecar}; rerun with --resume to continue")
+        return None
     finally:
         if f is not None:
             f.close()
+
+
+def build_result(res, engine, args, prompts, tree, fixed, grid, calibration, machine, model, draft,
+                 dtype) -> dict:
+    """The JSON record of the run (``--json``)."""
+    sources = args.draft_source
     lab = config_label(tree, sources[0], sources)
     rows, total, cats = res["rows"][lab], res["summary"][lab], res["categories"][lab]
-
     model_desc = {
         "model": str(model), "draft": str(draft), "dtype": dtype,
-        "quantization": cal_mod.quantization_of(engine.model),
+        "quantization": quantization_of(engine.model),
         "model_type": engine.target.model_type, "layers": engine.target.num_layers,
         "hidden_size": engine.target.hidden_size, "vocab_size": engine.target.vocab_size,
     }
-    notes = []
-    # The head's own share: one token per forward plus the drafted tokens it proposed.
-    src, fwd = total["source_tokens"], total["target_forwards"]
-    head_tau = (fwd + src["eagle"] + src["both"]) / fwd if fwd else None
-    if sources[0] != "ngram" and head_tau is not None and head_tau < 1.2:
-        notes.append(f"the draft head accepts almost nothing (tau {head_tau:.2f}); it is untrained, "
-                     "random or made for another target, so speculation cannot speed anything up here")
-    if args.temp == 0 and total["compared"] and total["identical"] < total["compared"]:
-        notes.append(f"{total['compared'] - total['identical']} of {total['compared']} outputs differ from "
-                     "plain decoding (near-tie argmax flips between a T-token and a 1-token forward are "
-                     "possible in low precision; in float32 this should be rare)")
-    if args.temp > 0:
-        notes.append("sampling (temp > 0): outputs are equal in distribution, not token-identical")
-
     result = {
         "version": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -774,12 +631,12 @@ def main(argv=None) -> int:
         "total": total,
         "categories": cats,
         "prompts": rows,
-        "notes": notes,
+        "notes": run_notes(total, sources, args.temp),
     }
     if calibration is not None:
         result["calibration"] = {
             "choice": calibration.choice.to_dict(),
-            "cache_file": str(cal_mod.cache_path(calibration.key)),
+            "cache_file": str(cache_path(calibration.key)),
             "verify_ms": calibration.costs.to_dict()["verify_ms"],
             "acceptance_top1": [round(x, 4) for x in calibration.acceptance.top1_rates()],
         }
@@ -795,18 +652,42 @@ def main(argv=None) -> int:
         result["grid_best"] = best["tree"]
         if best["summary"]["spec_tps"] and total["spec_tps"]:
             result["chosen_vs_best"] = total["spec_tps"] / best["summary"]["spec_tps"]
+    return result
 
-    # ---- terminal output ----
-    print(f"\nmachine : {describe_machine(machine)}")
-    print(f"model   : {model} ({model_desc['quantization']}), draft {draft}")
+
+def run_notes(total: dict, sources, temp: float) -> List[str]:
+    """What a reader of the numbers must know (an untrained head, differing outputs, sampling)."""
+    notes = []
+    # The head's own share: one token per forward plus the drafted tokens it proposed.
+    src, fwd = total["source_tokens"], total["target_forwards"]
+    head_tau = (fwd + src["eagle"] + src["both"]) / fwd if fwd else None
+    if sources[0] != "ngram" and head_tau is not None and head_tau < 1.2:
+        notes.append(f"the draft head accepts almost nothing (tau {head_tau:.2f}); it is untrained, "
+                     "random or made for another target, so speculation cannot speed anything up here")
+    if temp == 0 and total["compared"] and total["identical"] < total["compared"]:
+        notes.append(f"{total['compared'] - total['identical']} of {total['compared']} outputs differ from "
+                     "plain decoding (near-tie argmax flips between a T-token and a 1-token forward are "
+                     "possible in low precision; in float32 this should be rare)")
+    if temp > 0:
+        notes.append("sampling (temp > 0): outputs are equal in distribution, not token-identical")
+    return notes
+
+
+def print_report(result, res, args, prompts, tree, fixed, grid, model, draft):
+    sources = args.draft_source
+    lab = config_label(tree, sources[0], sources)
+    total = result["total"]
+    n_items = sum(min(args.turns, len(p.turns)) for p in prompts)
+    print(f"\nmachine : {describe_machine(result['machine'])}")
+    print(f"model   : {model} ({result['config']['quantization']}), draft {draft}")
     print(f"drafts  : {sources[0]}; accepted drafted tokens by source {total['source_tokens']}")
     print(f"tree    : {tree}{' (auto)' if fixed is None else ''} | prompts {args.prompts} "
           f"({n_items} turns) | max_tokens {args.max_tokens} | temp {args.temp}")
     if not args.quiet:
         print()
-        print(format_rows(rows))
+        print(format_rows(res["rows"][lab]))
     print()
-    print(format_summary(cats, total))
+    print(format_summary(result["categories"], total))
     if len(sources) > 1:
         print()
         print(format_sources(result["sources"]))
@@ -816,19 +697,22 @@ def main(argv=None) -> int:
         if "chosen_vs_best" in result:
             print(f"{'auto' if fixed is None else 'chosen'} tree {lab} reaches {result['chosen_vs_best']:.1%} "
                   f"of the best grid tree {result['grid_best']}")
-    for n in notes:
+    for n in result["notes"]:
         print(f"note: {n}")
 
+
+def write_outputs(result, args, model, draft, tree):
     if args.json:
         write_atomic(Path(args.json), json.dumps(result, indent=1))
-        print(f"wrote {args.json} (per-prompt rows also in {sidecar})")
+        print(f"wrote {args.json} (per-prompt rows also in {sidecar_path(args.json)})")
     if args.plot:
-        title = (f"eagle3-mlx bench: {Path(str(model)).name} + {Path(str(draft)).name}, tree {lab}, "
+        sources = args.draft_source
+        machine = result["machine"]
+        title = (f"eagle3-mlx bench: {Path(str(model)).name} + {Path(str(draft)).name}, tree "
+                 f"{config_label(tree, sources[0], sources)}, "
                  f"{machine['backend']} {machine['device']}, mlx {machine['mlx']}")
-        write_plot(args.plot, cats, total, title)
+        write_plot(args.plot, result["categories"], result["total"], title)
         print(f"wrote {args.plot}")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,10 @@
-"""The ``eagle3-mlx`` console script: dispatches to one module per sub-command."""
+"""The ``eagle3-mlx`` console script: dispatches to one module per sub-command.
+
+Contract: ``main`` imports only the chosen sub-command's module (each owns its
+argparse parser and returns an exit status) after re-executing with OpenBLAS
+where that helps; ``generate`` is defined here: one prompt, streamed to stdout,
+statistics (:func:`eagle3_mlx.runs.format_stats`) to stderr.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ COMMANDS = {
     "chat": ("eagle3_mlx.tui.cli", "main", "terminal chat with live speculation statistics"),
     "train": ("eagle3_mlx.train.cli", "main", "train an EAGLE-3 head for a target"),
     "bench": ("eagle3_mlx.bench", "main", "measure speedup against plain mlx-lm decoding"),
-    "calibrate": ("eagle3_mlx.calibrate", "main", "pick the best draft tree for this machine"),
+    "calibrate": ("eagle3_mlx.tuning.report", "main", "pick the best draft tree for this machine"),
     "serve": ("eagle3_mlx.server.cli", "serve_main", "OpenAI-compatible HTTP server"),
 }
 
@@ -71,58 +77,9 @@ def add_draft_source_arg(p: argparse.ArgumentParser):
                         "in one tree (hybrid); default: hybrid with a head, ngram without")
 
 
-def add_tree_args(p: argparse.ArgumentParser):
-    p.add_argument("--tree", default="auto",
-                   help="draft tree: 'auto' (calibrated for this machine, cached) or "
-                        "TOP_K,DEPTH,TOTAL_TOKENS, e.g. 4,4,16; TOP_K 1 is a chain")
-
-
-def apply_tree_arg(engine, tree_arg: str, log=None):
-    """Set the engine's tree from a --tree value (calibrating on first use)."""
-    from .calibrate import apply_tree
-
-    return apply_tree(engine, tree_arg, log=log)
-
-
-def is_auto_tree(tree_arg) -> bool:
-    """True when a --tree value asks for the calibrated tree ('auto' or nothing)."""
-    return tree_arg is None or str(tree_arg).strip().lower() == "auto"
-
-
-# A one-shot run (generate, chat --smoke) refreshes the cached acceptance only
-# when it saw at least this many speculative steps: fewer say little.
-RUN_TUNE_STEPS = 16
-
-
-def auto_tuner(engine, tree_arg, **kw):
-    """An :class:`~eagle3_mlx.calibrate.OnlineTuner` for an engine whose tree
-    came from ``--tree auto`` (call after :func:`apply_tree_arg`); None for an
-    explicit tree (never changed) or when no calibration is cached."""
-    if not is_auto_tree(tree_arg) or engine.head is None:
-        return None
-    from .calibrate import make_tuner
-
-    return make_tuner(engine, **kw)
-
-
-def finish_run_tuning(tuner, log=None):
-    """End of a one-shot run: refresh the acceptance from the steps the tuner
-    observed and save it for the next run. Logs one line only when the tree
-    changed (or tuning failed); returns the new TreeSpec or None."""
-    if tuner is None:
-        return None
-    log = log or (lambda m: None)
-    try:
-        spec = tuner.maybe_retune()
-    except Exception as e:  # noqa: BLE001 - the answer is already out; never fail the run
-        log(f"tree: online tuning skipped ({type(e).__name__}: {e})")
-        return None
-    if spec is not None:
-        log(f"tree: retuned to {spec.top_k},{spec.depth},{spec.total_tokens} for the next run")
-    return spec
-
-
 def generate_main(argv):
+    from .tuning.choose import add_tree_args
+
     p = argparse.ArgumentParser(prog="eagle3-mlx generate", description="Generate text with EAGLE-3 speculative decoding.")
     p.add_argument("--model", required=True, help="MLX target model directory or HF repo")
     p.add_argument("--draft", default=None,
@@ -145,7 +102,8 @@ def generate_main(argv):
     add_tree_args(p)
     args = p.parse_args(argv)
     from . import api
-    from .engine import format_stats
+    from .runs import collect, format_stats
+    from .tuning.choose import RUN_TUNE_STEPS, apply_tree, auto_tuner, finish_run_tuning
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
@@ -153,27 +111,25 @@ def generate_main(argv):
                           draft_source=args.draft_source, draft_feedback=args.draft_feedback)
         tuner = None
         if not args.no_spec and engine.head is not None:
-            spec = apply_tree_arg(engine, args.tree, log=lambda m: print(m, file=sys.stderr))
+            spec = apply_tree(engine, args.tree, log=lambda m: print(m, file=sys.stderr))
             print(f"draft tree: {spec}", file=sys.stderr)
             tuner = auto_tuner(engine, args.tree, every=RUN_TUNE_STEPS)
         if not args.ignore_chat_template and engine.tokenizer.chat_template is not None:
             msgs = ([{"role": "system", "content": args.system}] if args.system else [])
             prompt = msgs + [{"role": "user", "content": prompt}]
-        last = None
-        for r in engine.stream_generate(prompt, max_tokens=args.max_tokens, temp=args.temp,
-                                        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                                        seed=args.seed, speculative=not args.no_spec):
+        def show(r):
             print(r.text, end="", flush=True)
-            last = r
             if tuner is not None:
                 tuner.observe(r)
+
+        run = collect(engine.stream_generate(prompt, max_tokens=args.max_tokens, temp=args.temp,
+                                             top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                                             seed=args.seed, speculative=not args.no_spec),
+                      on_response=show)
         print()
-        if last is not None:
+        if run.last is not None:
             print("=" * 10, file=sys.stderr)
-            print(format_stats(last), file=sys.stderr)
-            if last.speculative and last.source_tokens:
-                print(f"drafts ({engine.draft_source}): accepted tokens by source "
-                      + ", ".join(f"{k} {v}" for k, v in last.source_tokens.items()), file=sys.stderr)
+            print(format_stats(run.last, run.ttft_ms), file=sys.stderr)
         # --tree auto: this run's acceptance refreshes the cached calibration
         finish_run_tuning(tuner, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from .platform import cache_home
+
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "PART_PACKAGES",
@@ -62,12 +64,6 @@ _CHUNK = 8 << 20
 
 class DefaultModelError(RuntimeError):
     """The default model cannot be provided (parts missing, checksum mismatch...)."""
-
-
-def cache_home() -> Path:
-    """``$EAGLE3_MLX_HOME`` or ``~/.cache/eagle3-mlx``."""
-    env = os.environ.get("EAGLE3_MLX_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "eagle3-mlx"
 
 
 def _part_module(name: str) -> str:
@@ -265,3 +261,22 @@ def default_head_path() -> Optional[Path]:
     if p.is_dir() and (p / "config.json").is_file():
         return p
     return None
+
+
+def default_paths(model: Optional[str], draft: Optional[str]) -> tuple:
+    """(model, draft) for commands that need a head (bench, calibrate): what was
+    passed, with the default model and its shipped head filling in what was not.
+    Raises ValueError saying what to pass when the default cannot be used."""
+    if model and draft:
+        return model, draft
+    if not draft:
+        head = default_head_path()
+        if head is None:
+            raise ValueError(f"{NO_HEAD_MESSAGE}; pass --draft HEAD_DIR")
+        draft = str(head)
+    if not model:
+        try:
+            model = str(ensure_default_model())
+        except DefaultModelError as e:
+            raise ValueError(str(e)) from None
+    return model, draft

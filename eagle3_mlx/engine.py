@@ -8,6 +8,14 @@ KV cache is compacted (commit), and statistics are updated (stats).
 The engine keeps its caches between calls and reuses the longest common token
 prefix of the next prompt, so a chat passes its whole conversation each turn.
 All MLX work must stay on the thread that runs the engine.
+
+Contract: ``Engine.stream_generate`` yields one :class:`GenerationResponse` per
+committed token, every one a real token; the last carries the finish reason
+("stop", "length", "context" or "cancelled"). Greedy output is token-identical
+to the target's own greedy decoding and sampled output follows the target's
+distribution exactly, whatever the tree or draft source. :func:`verify_step`
+and :func:`decode_step` are the step's two halves as functions, so the tuning
+measurements time exactly what a step runs.
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ class GenerationResponse:
 
 def check_compatible(head: Eagle3Head, target: TargetModel):
     """Refuse a head that cannot drive this target (one line naming the sizes)."""
-    from .convert.compat import head_target_problems
+    from .compat import head_target_problems
 
     dims = dict(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
                 num_hidden_layers=target.num_layers)
@@ -97,10 +105,7 @@ def match_head_dtype(head: Eagle3Head, target: TargetModel):
         head.config.quantization = None
     dt = emb.scales.dtype if target_quantized else emb.weight.dtype
     if head.fc.weight.dtype != dt:
-        from mlx.utils import tree_map
-
-        head.update(tree_map(lambda p: p.astype(dt) if mx.issubdtype(p.dtype, mx.floating) else p,
-                             head.parameters()))
+        head.set_dtype(dt)
 
 
 _SOURCE_NAMES = {EAGLE: "eagle", NGRAM: "ngram", EAGLE | NGRAM: "both"}
@@ -343,6 +348,10 @@ class Engine:
         while True:
             # ---- emit the tokens committed by the last step ----
             step_tokens = len(pending)
+            # When the next step's tree would not fit in the context, this
+            # step's last token ends the answer (finish reason "context").
+            T = self.max_tree_nodes(source) if speculative else 1
+            full = bool(self.max_context) and cur_len + T > self.max_context
             for j, (t, src) in enumerate(pending):
                 finish = None
                 if t in eos:
@@ -355,6 +364,8 @@ class Engine:
                     finish = "length"
                 if finish is None and cancel is not None and cancel.is_set():
                     finish = "cancelled"
+                if finish is None and full and j == step_tokens - 1:
+                    finish = "context"
                 if finish is not None:
                     detok.finalize()
                     text += detok.last_segment
@@ -382,14 +393,6 @@ class Engine:
                     self.matcher.extend((t,))
 
             # ---- one step: draft, verify, commit ----
-            T = self.max_tree_nodes(source) if speculative else 1
-            if self.max_context and cur_len + T > self.max_context:
-                detok.finalize()
-                text += detok.last_segment
-                yield self._final(text[emitted:], ids, n_gen, steps, prompt_tps, prompt_ms,
-                                  gen_tic, "context", speculative)
-                self._finish(history, cur_len)
-                return
             steps += 1
             t0 = time.perf_counter()
             if speculative:
@@ -399,25 +402,8 @@ class Engine:
                 if uses_head:
                     self._draft_len = cur_len
                 t1 = time.perf_counter()
-                positions = (cur_len + tree.depths).astype(mx.int32)
-                logits, fts = self.target.forward(
-                    tree.tokens[None], self._tcache,
-                    tree_mask=None if tree.is_chain else tree.ancestors,
-                    positions=None if tree.is_chain else positions,
-                )
-                logits = logits[0]
-                if params.greedy:
-                    path_mask, bonus = greedy_verify(tree, logits)
-                    mx.eval(path_mask, bonus)  # the step's one blocking transfer
-                    tokens_h, path_h, bonus_h = (a.tolist() for a in (tree.tokens, path_mask, bonus))
-                    path = [i for i in range(tree.size) if path_h[i]]
-                    bonus = mx.array([bonus_h], dtype=mx.int32)
-                else:
-                    path, bonus = sample_verify(tree, logits, params)
-                    tokens_h = tree.tokens.tolist()
-                    bonus_h = int(bonus.item())
-                    bonus = bonus.reshape(1)
-                compact_cache(self._tcache, cur_len, path)
+                path, tokens_h, bonus, bonus_h, feats = verify_step(
+                    self.target, self._tcache, tree, cur_len, params)
                 accepted = [tokens_h[i] for i in path[1:]]
                 if merged is not None:
                     srcs = [_SOURCE_NAMES[merged.sources[i]] for i in path[1:]]
@@ -425,16 +411,11 @@ class Engine:
                         self.ngram_acceptance.update(n, proposed, accepted + [bonus_h])
                 else:
                     srcs = ["eagle"] * len(accepted)
-                feats = fts[:, mx.array(path, dtype=mx.int32)]
                 t2 = time.perf_counter()
             else:
                 t1 = t0
-                logits, fts = self.target.forward(root[None], self._tcache)
-                row = logits[0, -1]
-                if penalty is not None:
-                    row = penalty(mx.array(history)[None], row[None])[0]
-                bonus = choose(row, params).reshape(1)
-                bonus_h = int(bonus.item())
+                bonus, bonus_h, _ = decode_step(self.target, self._tcache, root, params, penalty,
+                                                history)
                 accepted, path = [], [0]
                 t2 = time.perf_counter()
             draft_ms = (t1 - t0) * 1000
@@ -451,17 +432,6 @@ class Engine:
         self._tokens = history[:cur_len]
         self._draft_len = min(self._draft_len, cur_len)
 
-    def _final(self, text, ids, n_gen, steps, prompt_tps, prompt_ms, gen_tic, reason, speculative):
-        el = time.perf_counter() - gen_tic
-        return GenerationResponse(
-            text=text, token=-1, from_draft=False,
-            step_index=steps, new_step=False, step_tokens=0, draft_ms=0.0, verify_ms=0.0,
-            tokens_per_step=n_gen / max(steps, 1), steps=steps, prompt_tokens=len(ids),
-            prompt_tps=prompt_tps, prompt_ms=prompt_ms, generation_tokens=n_gen,
-            generation_tps=n_gen / max(el, 1e-9), peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason=reason, speculative=speculative,
-        )
-
     def generate(self, prompt: Prompt, verbose: bool = False, **kwargs) -> str:
         text, last = "", None
         for r in self.stream_generate(prompt, **kwargs):
@@ -470,9 +440,53 @@ class Engine:
             if verbose:
                 print(r.text, end="", flush=True)
         if verbose and last is not None:
+            from .runs import format_stats
+
             print()
             print(format_stats(last))
         return text
+
+
+def verify_step(target: TargetModel, cache, tree, offset: int, params: SamplingParams):
+    """One verification of a drafted tree, as every speculative step runs it.
+
+    The target runs ``tree`` after ``offset`` cached positions under the tree's
+    ancestor mask; the accepted path and the bonus token are chosen (greedy: one
+    blocking host transfer); the cache is compacted to the path. Returns
+    (path node indices, node tokens as a host list, bonus [1] int32, bonus id,
+    target features of the path rows [1, len(path), 3H])."""
+    positions = (offset + tree.depths).astype(mx.int32)
+    logits, fts = target.forward(
+        tree.tokens[None], cache,
+        tree_mask=None if tree.is_chain else tree.ancestors,
+        positions=None if tree.is_chain else positions,
+    )
+    logits = logits[0]
+    if params.greedy:
+        path_mask, bonus = greedy_verify(tree, logits)
+        mx.eval(path_mask, bonus)  # the step's one blocking transfer
+        tokens_h, path_h, bonus_h = (a.tolist() for a in (tree.tokens, path_mask, bonus))
+        path = [i for i in range(tree.size) if path_h[i]]
+        bonus = mx.array([bonus_h], dtype=mx.int32)
+    else:
+        path, bonus = sample_verify(tree, logits, params)
+        tokens_h = tree.tokens.tolist()
+        bonus_h = int(bonus.item())
+        bonus = bonus.reshape(1)
+    compact_cache(cache, offset, path)
+    return path, tokens_h, bonus, bonus_h, fts[:, mx.array(path, dtype=mx.int32)]
+
+
+def decode_step(target: TargetModel, cache, root, params: SamplingParams, penalty=None,
+                history=None):
+    """One plain decoding step (no draft): the target runs ``root`` [1] and the
+    next token is chosen. Returns (token [1] int32, token id, features [1, 1, 3H])."""
+    logits, fts = target.forward(root[None], cache)
+    row = logits[0, -1]
+    if penalty is not None:
+        row = penalty(mx.array(history)[None], row[None])[0]
+    bonus = choose(row, params).reshape(1)
+    return bonus, int(bonus.item()), fts
 
 
 def _release_text(text: str, emitted: int, stops, final: bool):
@@ -491,11 +505,3 @@ def _release_text(text: str, emitted: int, stops, final: bool):
                 hold = max(hold, k)
                 break
     return text[emitted:max(emitted, len(text) - hold)], False
-
-
-def format_stats(r: GenerationResponse) -> str:
-    return (
-        f"tokens/step {r.tokens_per_step:.2f} | {r.generation_tps:.1f} tok/s | "
-        f"{r.steps} steps | {r.generation_tokens} tokens | prompt {r.prompt_tokens} tok "
-        f"({r.prompt_tps:.1f} tok/s) | peak {r.peak_memory:.2f} GB"
-    )

@@ -140,7 +140,7 @@ class HeadConfig:
         if "bias" in d and "fc_bias" not in d:
             kw["fc_bias"] = bool(d["bias"])
         if kw.get("aux_layer_ids") is None:
-            from .convert.compat import aux_ids_from_config  # the one table of id conventions
+            from .compat import aux_ids_from_config  # the one table of id conventions
 
             kw["aux_layer_ids"] = aux_ids_from_config(d)[0]
         if "eagle3_mlx_format" not in d:

@@ -212,7 +212,7 @@ def resolve_head(spec: str, *, dtype: Optional[str] = None, target_config=None, 
         target = None
         if target_config is not None and Path(target_config).is_file():
             target = (read_json(target_config), Path(target_config))
-        from .convert.compat import target_dims
+        from .compat import target_dims
 
         layers = target_dims(target[0])["num_hidden_layers"] if target else None
         return cached_conversion("heads", spec, src, {"dtype": dtype, "target_layers": layers},

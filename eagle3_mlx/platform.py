@@ -1,4 +1,10 @@
-"""Per-platform speed defaults: OpenBLAS on Linux CPU, and the default float type.
+"""This machine: what it is (identity that measured costs depend on) and its speed defaults.
+
+Identity: :func:`device_description` (backend, device, CPU, BLAS: the key a
+calibration is cached under) and :func:`machine_info` (the same plus versions,
+for benchmark and training reports); the only place that reads them.
+
+Speed defaults: OpenBLAS on Linux CPU, and the default float type.
 
 The ``mlx[cpu]`` Linux wheels link the reference BLAS (``mlx_cpu.libs/libblas``),
 so float32 matmuls run about 30x slower than with OpenBLAS on the same CPU, and
@@ -16,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 __all__ = [
@@ -27,6 +34,12 @@ __all__ = [
     "maybe_reexec_with_openblas",
     "mlx_backend",
     "default_dtype",
+    "openblas_loaded",
+    "cpu_model",
+    "device_description",
+    "machine_info",
+    "describe_machine",
+    "cache_home",
 ]
 
 OPENBLAS_PATHS = {
@@ -195,3 +208,109 @@ def default_dtype(backend: Optional[str] = None) -> str:
     ``"float16"`` on Metal and CUDA."""
     backend = backend or mlx_backend()
     return "float32" if backend == "cpu" else "float16"
+
+
+# ----------------------------------------------------------------------------------
+# identity
+# ----------------------------------------------------------------------------------
+
+
+def cache_home() -> Path:
+    """This user's eagle3-mlx cache: ``$EAGLE3_MLX_HOME`` or ``~/.cache/eagle3-mlx``."""
+    env = os.environ.get("EAGLE3_MLX_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "eagle3-mlx"
+
+
+def openblas_loaded() -> bool:
+    """True when an OpenBLAS library is mapped into this process."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "libopenblas" in f.read()
+    except OSError:
+        return False
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo, macOS sysctl), else the architecture."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            import subprocess
+
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                                  text=True, timeout=5).stdout.strip()
+        except Exception:
+            pass
+    return platform.processor() or platform.machine()
+
+
+def device_description() -> dict:
+    """What measured costs depend on: backend, device, CPU, BLAS, memory."""
+    import platform
+
+    import mlx.core as mx
+
+    backend = mlx_backend()
+    try:
+        info = mx.device_info()
+    except Exception:
+        info = {}
+    d = {
+        "backend": backend,
+        "device_name": str(info.get("device_name", "")),
+        "architecture": str(info.get("architecture", platform.machine())),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "os": platform.system(),
+    }
+    if backend == "cpu":
+        d["blas"] = "openblas" if openblas_loaded() else "default"
+    if "memory_size" in info:
+        d["memory_gb"] = round(int(info["memory_size"]) / 2**30)
+    return d
+
+
+def machine_info() -> dict:
+    """:func:`device_description` plus OS and library versions, for reports."""
+    import platform
+    from importlib.metadata import version
+
+    import mlx.core as mx
+
+    dev = device_description()
+    try:
+        mlx_lm_version = version("mlx-lm")
+    except Exception:
+        mlx_lm_version = "?"
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": dev.get("cpu"),
+        "cpu_count": dev.get("cpu_count"),
+        "backend": dev.get("backend"),
+        "device": dev.get("device_name") or dev.get("cpu"),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm_version,
+        "openblas_preloaded": openblas_loaded(),
+    }
+    if "memory_gb" in dev:
+        info["memory_gb"] = dev["memory_gb"]
+    return info
+
+
+def describe_machine(m: dict) -> str:
+    """One line of :func:`machine_info`."""
+    blas = "OpenBLAS preloaded" if m.get("openblas_preloaded") else "no OpenBLAS"
+    if m.get("backend") != "cpu":
+        blas = ""
+    gpu = f" | GPU {m['device']}" if m.get("backend") != "cpu" else ""
+    return (f"{m['platform']} | CPU {m['cpu']} x{m['cpu_count']}{gpu} | backend {m['backend']}"
+            f"{' | ' + blas if blas else ''} | mlx {m['mlx']} | mlx-lm {m['mlx_lm']}")

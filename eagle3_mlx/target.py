@@ -32,6 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
+from .compat import default_aux_layer_ids
 from .head import apply_rope
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "gpt_oss")
@@ -62,10 +63,6 @@ class PositionalRope(nn.Module):
         if pos is None:
             return self._inner(x, offset=offset)
         return apply_rope(self._inner, x, pos)
-
-
-def default_aux_layer_ids(num_layers: int) -> list:
-    return [2, num_layers // 2, num_layers - 3]
 
 
 class TargetModel:

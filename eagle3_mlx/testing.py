@@ -1,18 +1,32 @@
 """Tiny offline models and tokenizers for tests, examples and micro-benchmarks.
 
 Everything here is built locally (no hub access): a tokenizer trained on a fixed
-corpus, a random mlx-lm target of a chosen family, and a random EAGLE-3 head
-sized for it.
+corpus, a random mlx-lm target of a chosen family, a random EAGLE-3 head sized
+for it, an *oracle* head that mostly drafts what such a target will say
+(:func:`make_oracle_head`), and :func:`build_tiny_demo`, a target + head pair
+for trying the chat:
+
+    python -m eagle3_mlx.testing DIR      # writes DIR/target and DIR/head
+
+The demo's target is random (its answers are gibberish); its head is random
+too, but its draft vocabulary is restricted to the tokens the target emits most
+often, so a fair share of drafts are accepted and the chat shows multi-token
+steps. Needs the test extras (``tokenizers``, ``transformers``).
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from collections import Counter
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
+
+from .head import Eagle3Head
+from .target import TargetModel
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -243,11 +257,96 @@ def make_random_head(target_model, *, seed: int = 1, draft_vocab_size: int | Non
     return head
 
 
+class OracleHead(Eagle3Head):
+    """A head made to agree with the target often: on tokens with
+    ``token % every != 0`` its draft is forced to the target's context-free
+    next-token guess; elsewhere it drafts from its random weights."""
+
+    def __call__(self, embeddings, hidden, cache=None, mask=None, positions=None, from_target=None,
+                 logits_rows=None):
+        out, logits = super().__call__(embeddings, hidden, cache, mask, positions, from_target,
+                                       logits_rows)
+        if logits_rows is not None:
+            embeddings = embeddings[:, logits_rows]
+        E = self._table
+        d = ((embeddings[..., None, :] - E) ** 2).sum(-1)
+        tok = mx.argmin(d, axis=-1)
+        nxt = self._bigram[tok]
+        force = (tok % self._every) != 0
+        onehot = (mx.arange(logits.shape[-1]) == nxt[..., None]).astype(logits.dtype) * 40.0
+        return out, mx.where(force[..., None], onehot + 0.01 * logits, logits)
+
+
+def make_oracle_head(model, every=8, seed=3):
+    """A random head for ``model`` turned into an :class:`OracleHead` (built on
+    a target with weak decoder layers, its drafts are mostly accepted)."""
+    t = TargetModel(model)
+    base = make_random_head(model, seed=seed)
+    head = OracleHead(base.config)
+    head.update(base.parameters())
+    V = t.vocab_size
+    logits, _ = t.forward(mx.arange(V)[:, None], None)
+    object.__setattr__(head, "_table", t.embed_tokens(mx.arange(V)))
+    object.__setattr__(head, "_bigram", mx.argmax(logits[:, -1], axis=-1))
+    object.__setattr__(head, "_every", every)
+    mx.eval(head._table, head._bigram)
+    return head
+
+
 def to_float32(model: nn.Module):
-    model.update(tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
-                          model.parameters()))
+    model.set_dtype(mx.float32)
     return model
 
 
 def write_json(path, obj):
     Path(path).write_text(json.dumps(obj, indent=2))
+
+
+PROBE_PROMPTS = ["hello there", "What is MLX?", "Write a poem about the sea."]
+
+
+def build_tiny_demo(root, *, draft_vocab: int = 4, seed: int = 0,
+                    reuse: bool = False) -> tuple[Path, Path]:
+    """Write ``root/target`` and ``root/head``; returns both paths.
+
+    ``reuse``: return existing directories written by an earlier call as they are."""
+    from .engine import Engine
+    from .head import d2t_from_used, save_head
+    from .runs import collect
+
+    root = Path(root)
+    target_dir, head_dir = root / "target", root / "head"
+    if reuse and (target_dir / "config.json").is_file() and (head_dir / "config.json").is_file():
+        return target_dir, head_dir
+    make_tiny_target(target_dir, seed=seed)
+    model, tok = load_tiny_target(target_dir)
+    probe = Engine(model, tok, make_random_head(model, seed=seed + 1))
+    counts: Counter = Counter()
+    for q in PROBE_PROMPTS:
+        msgs = [{"role": "user", "content": q}]
+        counts.update(collect(probe.stream_generate(msgs, max_tokens=48, speculative=False)).tokens)
+    eos = set(getattr(probe.tokenizer, "eos_token_ids", ()) or ())
+    frequent = [t for t, _ in counts.most_common() if t not in eos]
+    vocab = int(probe.target.vocab_size)
+    used = list(frequent[:draft_vocab])
+    filler = iter(t for t in range(vocab) if t not in used)
+    while len(used) < draft_vocab:
+        used.append(next(filler))
+    head = make_random_head(model, seed=seed + 1, draft_vocab_size=draft_vocab)
+    head.set_vocab_mapping(d2t_from_used(sorted(used)))
+    save_head(head, head_dir)
+    return target_dir, head_dir
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m eagle3_mlx.testing DIR   (writes DIR/target and DIR/head)")
+        return 2
+    target, head = build_tiny_demo(argv[0])
+    print(f"eagle3-mlx chat --model {target} --draft {head}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

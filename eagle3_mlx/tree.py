@@ -16,41 +16,12 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .treespec import TreeSpec  # noqa: F401 - re-exported: trees are built to this shape
+
 # Deeper nodes lose this much score per level so a parent always outranks its
 # child, even when a child's log-probability rounds to exactly 0; keeps the
 # kept set ancestor-closed. It only reorders near-ties.
 _DEPTH_TIEBREAK = 1e-3
-
-
-@dataclass
-class TreeSpec:
-    top_k: int = 4
-    depth: int = 4
-    total_tokens: int = 16
-
-    def __post_init__(self):
-        for name in ("top_k", "depth", "total_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"tree {name} must be a positive integer, got {v!r}")
-        if self.total_tokens < 2:
-            raise ValueError(f"tree total_tokens must be >= 2 (root + 1 draft), got {self.total_tokens}")
-
-    @property
-    def pool_size(self) -> int:
-        return self.top_k + self.depth * self.top_k * self.top_k
-
-    @property
-    def num_nodes(self) -> int:
-        """Tree size including the root."""
-        return 1 + min(self.total_tokens - 1, self.pool_size)
-
-    @property
-    def is_chain(self) -> bool:
-        return self.top_k == 1
-
-    def __str__(self):
-        return f"top_k={self.top_k} depth={self.depth} total_tokens={self.num_nodes}"
 
 
 @dataclass
@@ -163,6 +134,19 @@ def _ancestor_matrix(parents, T: int, max_depth: int):
         cur = parents[cur]
         anc = anc | (cur[:, None] == idx[None])
     return anc
+
+
+def tree_from_parents(tokens, parents) -> DraftTree:
+    """A tree with the given node tokens and parent indices (host lists; node 0
+    is the root, parents precede their children), e.g. a fixed shape to time."""
+    T = len(tokens)
+    depth = [0] * T
+    for i in range(1, T):
+        depth[i] = depth[parents[i]] + 1
+    par = mx.array(parents, dtype=mx.int32)
+    anc = _ancestor_matrix(par, T, max(depth) + 1)
+    return DraftTree(mx.array(tokens, dtype=mx.int32), par, anc, mx.array(depth, dtype=mx.int32), T,
+                     all(parents[i] == i - 1 for i in range(1, T)))
 
 
 def chain_tree(tokens, root_token) -> DraftTree:

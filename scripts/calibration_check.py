@@ -4,7 +4,7 @@
 Not a test. No trained head exists yet for a real model here, so this uses a
 model where acceptance is real: a random llama-shaped target (8 layers, hidden
 512) whose decoder layers are weak, with the tests' *oracle* head
-(tests/conftest.py: it drafts the target's context-free next token, so most
+(eagle3_mlx.testing.OracleHead: it drafts the target's context-free next token, so most
 drafts are accepted, in streaks). It calibrates (verify/draft costs,
 teacher-forced acceptance), then runs ``bench``'s measurement (plain mlx-lm vs
 speculative, interleaved) for the auto tree and the 14 grid shapes, and prints
@@ -21,8 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,24 +28,25 @@ def main(argv=None):
     ap.add_argument("--max-tokens", type=int, default=96)
     args = ap.parse_args(argv)
 
-    from conftest import make_oracle_head
-
     from eagle3_mlx import bench as B
-    from eagle3_mlx import calibrate as C
     from eagle3_mlx.engine import Engine
+    from eagle3_mlx.platform import describe_machine, machine_info
     from eagle3_mlx.prompts import load_prompts
-    from eagle3_mlx.testing import load_tiny_target, make_tiny_target
+    from eagle3_mlx.testing import load_tiny_target, make_oracle_head, make_tiny_target
     from eagle3_mlx.tree import TreeSpec
+    from eagle3_mlx.tuning.choose import calibrate
+    from eagle3_mlx.tuning.optimise import evaluate
+    from eagle3_mlx.tuning.report import format_report
 
-    print(f"machine: {B.describe_machine(B.machine_info())}")
+    print(f"machine: {describe_machine(machine_info())}")
     with tempfile.TemporaryDirectory() as d:
         make_tiny_target(d, "llama", weight_scale=0.5, layer_scale=0.004, hidden_size=512,
                          intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
                          num_key_value_heads=4, head_dim=64)
         model, tok = load_tiny_target(d)
         eng = Engine(model, tok, make_oracle_head(model))
-        cal = C.calibrate(eng, directory=Path(d) / "cal", log=print)
-    print(C.format_report(cal))
+        cal = calibrate(eng, directory=Path(d) / "cal", log=print)
+    print(format_report(cal))
     auto = cal.spec
     lab = B.tree_label(auto)
     trees = [auto] + [TreeSpec(*t) for t in B.DEFAULT_GRID if B.tree_label(TreeSpec(*t)) != lab]
@@ -63,7 +62,7 @@ def main(argv=None):
     print("\npredicted vs measured tau (tok/s predictions use the calibration-time costs):")
     for g in grid:
         s = TreeSpec(*[int(x) for x in g["tree"].split(",")])
-        e = C.evaluate(s, cal.costs, cal.acceptance)
+        e = evaluate(s, cal.costs, cal.acceptance)
         print(f"  {g['tree']:<8} tau predicted {e.tau:5.2f} measured {g['summary']['tau']:5.2f} | "
               f"tok/s predicted {e.tps:6.1f} measured {g['summary']['spec_tps']:6.1f}")
     return 0

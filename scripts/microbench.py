@@ -161,7 +161,7 @@ def main(argv=None):
     ap.add_argument("--tiny-only", action="store_true")
     args = ap.parse_args(argv)
 
-    from eagle3_mlx.bench import describe_machine, machine_info
+    from eagle3_mlx.platform import describe_machine, machine_info
 
     print(f"machine: {describe_machine(machine_info())}")
     print(f"dtype {args.dtype}; random weights (tau ~1: costs only)")

@@ -1,12 +1,9 @@
 import os
 import tempfile
 
-import mlx.core as mx
 import pytest
 
-from eagle3_mlx.head import Eagle3Head
-from eagle3_mlx.target import TargetModel
-from eagle3_mlx.testing import make_random_head, make_tiny_target
+from eagle3_mlx.testing import make_oracle_head, make_tiny_target
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Calibration results and the default-model cache go to a throw-away home.
@@ -53,40 +50,6 @@ def tiny(tiny_dir):
     return get
 
 
-class OracleHead(Eagle3Head):
-    """A head made to agree with the target often: on tokens with
-    ``token % every != 0`` its draft is forced to the target's context-free
-    next-token guess; elsewhere it drafts from its random weights."""
-
-    def __call__(self, embeddings, hidden, cache=None, mask=None, positions=None, from_target=None,
-                 logits_rows=None):
-        out, logits = super().__call__(embeddings, hidden, cache, mask, positions, from_target,
-                                       logits_rows)
-        if logits_rows is not None:
-            embeddings = embeddings[:, logits_rows]
-        E = self._table
-        d = ((embeddings[..., None, :] - E) ** 2).sum(-1)
-        tok = mx.argmin(d, axis=-1)
-        nxt = self._bigram[tok]
-        force = (tok % self._every) != 0
-        onehot = (mx.arange(logits.shape[-1]) == nxt[..., None]).astype(logits.dtype) * 40.0
-        return out, mx.where(force[..., None], onehot + 0.01 * logits, logits)
-
-
-def make_oracle_head(model, every=8, seed=3):
-    t = TargetModel(model)
-    base = make_random_head(model, seed=seed)
-    head = OracleHead(base.config)
-    head.update(base.parameters())
-    V = t.vocab_size
-    logits, _ = t.forward(mx.arange(V)[:, None], None)
-    object.__setattr__(head, "_table", t.embed_tokens(mx.arange(V)))
-    object.__setattr__(head, "_bigram", mx.argmax(logits[:, -1], axis=-1))
-    object.__setattr__(head, "_every", every)
-    mx.eval(head._table, head._bigram)
-    return head
-
-
 @pytest.fixture(scope="session")
 def oracle_head(tiny):
     made = {}
@@ -100,9 +63,18 @@ def oracle_head(tiny):
 
 
 @pytest.fixture(scope="session")
-def tiny_pair(tmp_path_factory):
+def demo_dirs(tmp_path_factory):
     """(target dir, head dir) of the tiny chat demo, built once per session for the
     chat, engine-thread and online-tuning tests."""
-    from eagle3_mlx.tui.tiny_demo import build_tiny_demo
+    from eagle3_mlx.testing import build_tiny_demo
 
     return build_tiny_demo(tmp_path_factory.getbasetemp() / "tiny_chat", reuse=True)
+
+
+@pytest.fixture
+def ready_app():
+    """``async with ready_app(app, size) as pilot``: the chat app running under a
+    Textual pilot with its model loaded (tests/_tui.py has the other helpers)."""
+    from _tui import ready
+
+    return ready

@@ -54,8 +54,8 @@ class Tmux:
         raise AssertionError(f"timed out waiting for {what}; screen was:\n{screen}")
 
 
-def test_chat_in_tmux(tiny_pair, tmp_path):
-    model, head = tiny_pair
+def test_chat_in_tmux(demo_dirs, tmp_path):
+    model, head = demo_dirs
     done = tmp_path / "exit-code"
     env = {
         "HF_HUB_OFFLINE": "1",

@@ -13,7 +13,7 @@ import pytest
 
 from _convert_fixtures import ref_forward, ref_head_weights, write_head
 from eagle3_mlx.convert.cli import main
-from eagle3_mlx.convert.compat import HeadTargetMismatch, check_head_against_target
+from eagle3_mlx.compat import HeadTargetMismatch, check_head_against_target
 from eagle3_mlx.head import HeadConfig, load_head
 
 SAME_LAYOUTS = ["official", "specforge", "sglang", "speculators", "modelopt"]

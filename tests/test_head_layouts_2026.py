@@ -12,7 +12,7 @@ import pytest
 
 from _convert_fixtures import _rms, _rope, ref_head_weights, write_head
 from eagle3_mlx.convert.cli import main
-from eagle3_mlx.convert.compat import aux_ids_from_config, num_aux_states
+from eagle3_mlx.compat import aux_ids_from_config, num_aux_states
 from eagle3_mlx.head import HeadConfig, load_head
 
 T = 12

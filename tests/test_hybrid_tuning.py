@@ -8,18 +8,23 @@ from types import SimpleNamespace
 
 import pytest
 
-from eagle3_mlx import bench, calibrate as C
+from eagle3_mlx import bench
 from eagle3_mlx.hybrid import NgramAcceptance
 from eagle3_mlx.tree import TreeSpec
+from eagle3_mlx.tuning.acceptance import AcceptanceModel
+from eagle3_mlx.tuning.cache import Calibration
+from eagle3_mlx.tuning.costs import CostModel
+from eagle3_mlx.tuning.measure import measure_ngram_acceptance
+from eagle3_mlx.tuning.tuner import OnlineTuner
 
 
 def test_calibration_measures_ngram_acceptance_per_match_length():
     rng = random.Random(0)
     span = [rng.randrange(100, 200) for _ in range(40)]
     # the continuation copies a span of the prompt: long matches, accepted to the end
-    copied = C.measure_ngram_acceptance([([1, 2] + span + [3], span[:30])], max_len=8)
+    copied = measure_ngram_acceptance([([1, 2] + span + [3], span[:30])], max_len=8)
     # a continuation that keeps starting like the prompt and then differs: proposals, all wrong
-    fresh = C.measure_ngram_acceptance([([5, 6, 7] * 10, [t for k in range(10) for t in (5, 6, 300 + k)])],
+    fresh = measure_ngram_acceptance([([5, 6, 7] * 10, [t for k in range(10) for t in (5, 6, 300 + k)])],
                                        max_len=8)
     long_ = {n: c for n, c in copied.items() if n >= 4}
     assert long_, copied
@@ -44,9 +49,9 @@ def test_measured_prior_seeds_the_rate_and_live_counts_take_over():
 
 
 def test_calibration_round_trips_ngram_counts():
-    cal = C.Calibration(key={"k": 1}, costs=C.CostModel({1: 10.0, 2: 11.0}, {1: (0.5, 0.3)}),
-                        acceptance=C.AcceptanceModel.prior(), ngram={3: [10, 2]})
-    back = C.Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    cal = Calibration(key={"k": 1}, costs=CostModel({1: 10.0, 2: 11.0}, {1: (0.5, 0.3)}),
+                        acceptance=AcceptanceModel.prior(), ngram={3: [10, 2]})
+    back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
     assert back.ngram == {3: [10, 2]}
 
 
@@ -59,9 +64,9 @@ def _step(index, sources):
 
 def test_online_tuner_credits_the_head_only_with_its_own_tokens():
     eng = SimpleNamespace(spec=TreeSpec(2, 3, 8))
-    cal = C.Calibration(key={}, costs=C.CostModel({1: 10.0, 2: 11.0}, {2: (0.5, 0.3)}),
-                        acceptance=C.AcceptanceModel.prior())
-    tuner = C.OnlineTuner(eng, cal, save=False)
+    cal = Calibration(key={}, costs=CostModel({1: 10.0, 2: 11.0}, {2: (0.5, 0.3)}),
+                        acceptance=AcceptanceModel.prior())
+    tuner = OnlineTuner(eng, cal, save=False)
     for r in (_step(1, ["eagle", "ngram", "ngram", "ngram"])     # head right once, then the n-gram ran on
               + _step(2, ["both", "eagle"])                       # head right twice
               + _step(3, ["ngram", "ngram"])                      # head wrong at once
@@ -71,8 +76,8 @@ def test_online_tuner_credits_the_head_only_with_its_own_tokens():
     assert tuner.observed() == (4, 7)
 
 
-def test_bench_compares_sources_against_one_plain_run(tiny_pair, tmp_path, monkeypatch, capsys):
-    target, head = tiny_pair
+def test_bench_compares_sources_against_one_plain_run(demo_dirs, tmp_path, monkeypatch, capsys):
+    target, head = demo_dirs
     plain_calls = []
     real_plain = bench.run_plain
     monkeypatch.setattr(bench, "run_plain", lambda *a, **k: plain_calls.append(1) or real_plain(*a, **k))
@@ -103,18 +108,18 @@ def test_bench_compares_sources_against_one_plain_run(tiny_pair, tmp_path, monke
     assert "hybrid tau" in text and "ngram x" in text
 
 
-def test_bench_refuses_an_unknown_source(tiny_pair, capsys):
-    target, head = tiny_pair
+def test_bench_refuses_an_unknown_source(demo_dirs, capsys):
+    target, head = demo_dirs
     with pytest.raises(SystemExit) as e:
         bench.main(["--model", str(target), "--draft", str(head), "--draft-source", "eagle,magic"])
     assert e.value.code == 2
     assert "magic" in capsys.readouterr().err
 
 
-def test_chat_smoke_without_a_head_speculates_from_ngrams(tiny_pair, capsys):
+def test_chat_smoke_without_a_head_speculates_from_ngrams(demo_dirs, capsys):
     from eagle3_mlx.tui import cli
 
-    target, _ = tiny_pair
+    target, _ = demo_dirs
     rc = cli.main(["--model", str(target), "--max-tokens", "16", "--smoke", "abc abc abc abc abc abc"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err

@@ -5,7 +5,7 @@ attention bias), both with a draft sliding window short enough to bite."""
 import mlx.core as mx
 import pytest
 
-from conftest import OracleHead
+from eagle3_mlx.testing import OracleHead
 from eagle3_mlx.engine import Engine
 from eagle3_mlx.target import TargetModel
 from eagle3_mlx.testing import PROMPTS, make_random_head

@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 
-from eagle3_mlx import calibrate as C
+from _tui import ask, recording, wait_for
+
 from eagle3_mlx.tree import TreeSpec
 from eagle3_mlx.tui.app import ChatApp
 from eagle3_mlx.tui.cli import make_loader
 from eagle3_mlx.tui.engine_thread import AnswerDone, EngineReady, EngineThread, LoadFailed, TreeSet
 from eagle3_mlx.tui.screens import ChatSettings
+from eagle3_mlx.tuning.acceptance import AcceptanceModel
+from eagle3_mlx.tuning.cache import Calibration, calibration_key, save_calibration
+from eagle3_mlx.tuning.costs import CostModel
+from eagle3_mlx.tuning.optimise import optimise
+from eagle3_mlx.tuning.tuner import OnlineTuner
 
 SIZE = (120, 40)
 # Head predicted right 95% of the time at every level (ranks 2-4: 1% each).
@@ -31,7 +36,7 @@ OPTIMISTIC_Q = [[0.95, 0.01, 0.01, 0.01] for _ in range(9)]
 
 def synthetic_costs():
     # verification: +10% of a decode step per extra tree token; top_k up to the tiny head's 4
-    return C.CostModel({T: 10.0 * (1 + 0.1 * (T - 1)) for T in (1, 2, 4, 8, 12, 16)},
+    return CostModel({T: 10.0 * (1 + 0.1 * (T - 1)) for T in (1, 2, 4, 8, 12, 16)},
                        {k: (0.5, 0.3 * (1 + 0.1 * k)) for k in (1, 2, 3, 4)})
 
 
@@ -40,13 +45,13 @@ def shape(spec) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def cal_key(tiny_pair):
+def cal_key(demo_dirs):
     """The calibration key of the tiny pair as every command here loads it."""
     from eagle3_mlx.api import load
 
-    model, draft = tiny_pair
+    model, draft = demo_dirs
     eng = load(str(model), str(draft))
-    return C.calibration_key(eng.model, eng.head)
+    return calibration_key(eng.model, eng.head)
 
 
 @pytest.fixture
@@ -59,16 +64,16 @@ def home(monkeypatch, tmp_path):
 @pytest.fixture
 def calibration(home, cal_key):
     """A cached synthetic calibration that picks a deep chain for the tiny pair."""
-    cal = C.Calibration(key=cal_key, costs=synthetic_costs(), acceptance=C.AcceptanceModel(q=OPTIMISTIC_Q))
+    cal = Calibration(key=cal_key, costs=synthetic_costs(), acceptance=AcceptanceModel(q=OPTIMISTIC_Q))
     cal.pick()
     assert cal.spec.top_k == 1 and cal.spec.depth >= 6        # the premise: a deep chain
-    path = C.save_calibration(cal)
+    path = save_calibration(cal)
     assert path.parent == home / "calibration"
     return cal, path
 
 
-def cached(path) -> C.Calibration:
-    return C.Calibration.from_dict(json.loads(path.read_text()))
+def cached(path) -> Calibration:
+    return Calibration.from_dict(json.loads(path.read_text()))
 
 
 def spec_steps(responses) -> int:
@@ -76,61 +81,17 @@ def spec_steps(responses) -> int:
     return sum(1 for r in responses if r.new_step and r.step_index >= 1)
 
 
-class Recorder:
-    """Pass-through engine wrapper that keeps every response of every answer."""
-
-    def __init__(self, engine):
-        self._engine = engine
-        self.answers: list[list] = []
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def stream_generate(self, prompt, **kw):
-        got: list = []
-        self.answers.append(got)
-        for r in self._engine.stream_generate(prompt, **kw):
-            got.append(r)
-            yield r
-
-
-def recording(loader, holder: dict):
-    """``loader`` wrapped so the engine is recorded; keeps its ``make_tuner``."""
-
-    def wrapped(progress):
-        holder["rec"] = Recorder(loader(progress))
-        return holder["rec"]
-
-    if hasattr(loader, "make_tuner"):
-        wrapped.make_tuner = loader.make_tuner
-    return wrapped
-
-
 # ----------------------------------------------------------------------------- chat
-
-
-async def wait_for(pilot, cond, timeout: float = 60.0, what: str = "condition"):
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.02)
-
-
-async def ask(pilot, app: ChatApp, text: str):
-    before = app.answers
-    await pilot.press(*text, "enter")
-    await wait_for(pilot, lambda: app.answers > before and app.turn is None, what=f"answer to {text!r}")
 
 
 def panel_tree(spec) -> str:
     return f"k{spec[0]} d{spec[1]} n{spec[2]}" + (" (chain)" if spec[0] == 1 else "")
 
 
-async def test_chat_auto_tree_is_retuned_from_live_acceptance(tiny_pair, calibration):
+async def test_chat_auto_tree_is_retuned_from_live_acceptance(demo_dirs, calibration, ready_app):
     cal, path = calibration
     calibrated = shape(cal.spec)
-    model, draft = tiny_pair
+    model, draft = demo_dirs
     holder: dict = {}
     # head-only drafting: a hybrid step may run past the head's tree on an n-gram
     loader = make_loader(str(model), str(draft), tree_arg="auto", tuner_options={"every": 4},
@@ -141,15 +102,14 @@ async def test_chat_auto_tree_is_retuned_from_live_acceptance(tiny_pair, calibra
     notes: list[str] = []
     orig_notify = app.notify
     app.notify = lambda message, *a, **kw: (notes.append(str(message)), orig_notify(message, *a, **kw))[1]
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready, what="model load")
+    async with ready_app(app, SIZE, timeout=60.0) as pilot:
         rec = holder["rec"]
         tuner = app.engine_thread.tuner
-        assert isinstance(tuner, C.OnlineTuner) and tuner.every == 4
+        assert isinstance(tuner, OnlineTuner) and tuner.every == 4
         assert shape(rec.spec) == calibrated                       # --tree auto used the cache
         assert app.stats_panel.values["tree"] == panel_tree(calibrated)
 
-        await ask(pilot, app, "hello there")
+        await ask(pilot, app, "hello there", timeout=60.0)
         steps1 = spec_steps(rec.answers[-1])
         assert steps1 >= 4
         # the acceptance estimate was refreshed from exactly this answer's steps and saved
@@ -158,31 +118,31 @@ async def test_chat_auto_tree_is_retuned_from_live_acceptance(tiny_pair, calibra
         assert saved.acceptance.rho < 0.2
         # ... and the tree it now predicts to be best is what the engine uses, the cache
         # keeps for the next start, and the stats panel shows
-        best, _ = C.optimise(saved.costs, saved.acceptance)
+        best, _ = optimise(saved.costs, saved.acceptance)
         new = shape(best.spec)
         assert new != calibrated and best.spec.num_nodes < cal.spec.num_nodes
-        await wait_for(pilot, lambda: app.stats_panel.values["tree"] == panel_tree(new), what="new tree shown")
+        await wait_for(pilot, lambda: app.stats_panel.values["tree"] == panel_tree(new), 60.0, what="new tree shown")
         assert shape(rec.spec) == new
         assert shape(saved.spec) == new
         assert app.tree() == {"top_k": new[0], "depth": new[1], "total_tokens": new[2]}
         assert any(n.startswith("Tree retuned") for n in notes)
 
         # tuning goes on: the next answer runs on the new tree and adds its steps
-        await ask(pilot, app, "What is MLX?")
+        await ask(pilot, app, "What is MLX?", timeout=60.0)
         assert all(r.step_tokens <= new[2] for r in rec.answers[-1])
         steps2 = spec_steps(rec.answers[-1])
-        await wait_for(pilot, lambda: cached(path).online_steps == steps1 + steps2, what="second refresh")
+        await wait_for(pilot, lambda: cached(path).online_steps == steps1 + steps2, 60.0, what="second refresh")
 
         # the user sets a tree in the settings: tuning stops for the session
         await pilot.press("ctrl+s")
         for name, value in (("top_k_tree", "4"), ("depth", "4"), ("total_tokens", "16")):
             app.screen.query_one(f"#{name}").value = value
         await pilot.press("ctrl+s")
-        await wait_for(pilot, lambda: app.stats_panel.values["tree"] == "k4 d4 n16", what="manual tree")
+        await wait_for(pilot, lambda: app.stats_panel.values["tree"] == "k4 d4 n16", 60.0, what="manual tree")
         assert app.engine_thread.tuner is None
         before = cached(path)
         for q in ("hello there", "Write a poem about the sea."):
-            await ask(pilot, app, q)
+            await ask(pilot, app, q, timeout=60.0)
             assert spec_steps(rec.answers[-1]) >= 4
         await pilot.pause(0.2)
         assert shape(rec.spec) == (4, 4, 16)
@@ -219,9 +179,9 @@ def run_thread(loader, questions, max_tokens=48):
     return th, posted
 
 
-def test_chat_explicit_tree_is_never_changed(tiny_pair, calibration):
+def test_chat_explicit_tree_is_never_changed(demo_dirs, calibration):
     cal, path = calibration
-    model, draft = tiny_pair
+    model, draft = demo_dirs
     # explicit tree options (the --top-k-tree/--depth/--total-tokens flags) with --tree auto: no tuner
     assert not hasattr(make_loader(str(model), str(draft), {"top_k": 2, "depth": 2, "total_tokens": 6},
                                    tree_arg="auto"), "make_tuner")
@@ -240,10 +200,10 @@ def test_chat_explicit_tree_is_never_changed(tiny_pair, calibration):
     assert shape(saved.spec) == shape(cal.spec)
 
 
-def test_engine_thread_tunes_only_speculative_answers(tiny_pair, calibration):
+def test_engine_thread_tunes_only_speculative_answers(demo_dirs, calibration):
     """Plain-decoding answers are not acceptance statistics."""
     cal, path = calibration
-    model, draft = tiny_pair
+    model, draft = demo_dirs
     loader = make_loader(str(model), str(draft), tree_arg="auto", tuner_options={"every": 1})
     posted: list = []
     done = threading.Event()
@@ -272,10 +232,10 @@ def test_engine_thread_tunes_only_speculative_answers(tiny_pair, calibration):
 # ------------------------------------------------------------------------- generate
 
 
-def generate(tiny_pair, capsys, *extra):
+def generate(demo_dirs, capsys, *extra):
     from eagle3_mlx.cli import generate_main
 
-    model, draft = tiny_pair
+    model, draft = demo_dirs
     rc = generate_main(["--model", str(model), "--draft", str(draft), "--prompt", "hello there",
                         "--max-tokens", "48", *extra])
     out = capsys.readouterr()
@@ -283,20 +243,20 @@ def generate(tiny_pair, capsys, *extra):
     return out.err
 
 
-def test_generate_auto_saves_refreshed_acceptance_for_the_next_run(tiny_pair, calibration, capsys):
+def test_generate_auto_saves_refreshed_acceptance_for_the_next_run(demo_dirs, calibration, capsys):
     cal, path = calibration
     calibrated = shape(cal.spec)
-    err = generate(tiny_pair, capsys)
+    err = generate(demo_dirs, capsys)
     assert f"draft tree: {TreeSpec(*calibrated)}" in err
     first = cached(path)
     assert first.online_steps >= 16                      # the run's speculative steps
     assert first.acceptance.rho < 0.2                    # tau ~1.0 observed, ~8 predicted
     new = shape(first.spec)
     assert new != calibrated
-    assert shape(C.optimise(first.costs, first.acceptance)[0].spec) == new
+    assert shape(optimise(first.costs, first.acceptance)[0].spec) == new
     assert f"tree: retuned to {new[0]},{new[1]},{new[2]} for the next run" in err.splitlines()
     # the next run starts on the retuned tree and adds its steps (the tree stays: no line)
-    err2 = generate(tiny_pair, capsys)
+    err2 = generate(demo_dirs, capsys)
     assert f"draft tree: {TreeSpec(*new)}" in err2
     assert "retuned" not in err2
     second = cached(path)
@@ -304,13 +264,13 @@ def test_generate_auto_saves_refreshed_acceptance_for_the_next_run(tiny_pair, ca
     assert shape(second.spec) == new
 
 
-def test_generate_explicit_tree_leaves_the_calibration_alone(tiny_pair, calibration, capsys):
+def test_generate_explicit_tree_leaves_the_calibration_alone(demo_dirs, calibration, capsys):
     cal, path = calibration
     text = path.read_text()
-    err = generate(tiny_pair, capsys, "--tree", "4,4,16")
+    err = generate(demo_dirs, capsys, "--tree", "4,4,16")
     assert f"draft tree: {TreeSpec(4, 4, 16)}" in err
     assert "retuned" not in err
     assert path.read_text() == text
     # plain decoding with --tree auto: nothing to learn from
-    err = generate(tiny_pair, capsys, "--no-spec")
+    err = generate(demo_dirs, capsys, "--no-spec")
     assert "retuned" not in err and path.read_text() == text

@@ -92,8 +92,8 @@ class ServerProc:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_pair, tmp_path_factory):
-    target, head = tiny_pair
+def server(demo_dirs, tmp_path_factory):
+    target, head = demo_dirs
     s = ServerProc(tmp_path_factory.mktemp("serve-main"), target, head, "--api-key", API_KEY,
                    "--queue-size", "64", "--max-tokens-limit", "2048", "--max-body-bytes", "262144")
     yield s
@@ -115,7 +115,7 @@ def _chat_msgs(text):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_pair):
+def reference(demo_dirs):
     """Greedy text of plain mlx-lm decoding: reference.text(messages | prompt | ids, max_tokens).
 
     mlx_lm runs in a fresh process like the server's, so both see the same
@@ -123,7 +123,7 @@ def reference(tiny_pair):
     them; the prompts the tests use are computed in one batch up front."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tiny_pair[0]))
+    tok = AutoTokenizer.from_pretrained(str(demo_dirs[0]))
     memo = {}
 
     class Ref:
@@ -142,7 +142,7 @@ def reference(tiny_pair):
             jobs = [(cls.ids(p), n) for p, n in items]
             todo = [j for j in jobs if json.dumps(j) not in memo]
             if todo:
-                r = subprocess.run([sys.executable, "-c", _REFERENCE_SCRIPT, str(tiny_pair[0])],
+                r = subprocess.run([sys.executable, "-c", _REFERENCE_SCRIPT, str(demo_dirs[0])],
                                    input=json.dumps(todo), capture_output=True, text=True, timeout=120)
                 assert r.returncode == 0, r.stderr[-2000:]
                 memo.update(zip((json.dumps(j) for j in todo), json.loads(r.stdout.splitlines()[-1])))
@@ -452,8 +452,8 @@ def test_bad_input_gets_openai_errors_and_the_next_request_is_served(server, ref
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_ends_the_running_request_and_exits_0(tiny_pair, tmp_path, sig):
-    target, head = tiny_pair
+def test_signal_ends_the_running_request_and_exits_0(demo_dirs, tmp_path, sig):
+    target, head = demo_dirs
     s = ServerProc(tmp_path, target, head)
     try:
         events, signalled = [], False

@@ -11,14 +11,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import make_oracle_head
 from mlx_lm.generate import generate_step
 from test_sampling import chi2_pvalue
 
-from eagle3_mlx.convert.compat import head_target_problems
+from eagle3_mlx.compat import head_target_problems
 from eagle3_mlx.engine import Engine
 from eagle3_mlx.target import TargetModel, UnsupportedModelError, compact_cache
-from eagle3_mlx.testing import PROMPTS, make_random_head, make_tiny_target
+from eagle3_mlx.testing import PROMPTS, make_oracle_head, make_random_head, make_tiny_target
 from eagle3_mlx.verify import SamplingParams, target_probs
 
 FAMILIES = ["qwen3_moe", "gpt_oss"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 import types
 
 import pytest
+
+from _tui import wait_for
 
 from eagle3_mlx.tui import cli
 from eagle3_mlx.tui.app import ChatApp
@@ -19,14 +20,6 @@ from eagle3_mlx.tui.widgets import AssistantMessage, NoticeMessage, UserMessage
 SIZE = (110, 36)
 
 
-async def wait_for(pilot, cond, timeout=30.0, what="condition"):
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.02)
-
-
 def fake_app(engine=None, **kw):
     engine = engine or FakeEngine()
     holder = {"engine": engine}
@@ -35,10 +28,9 @@ def fake_app(engine=None, **kw):
     return app, engine
 
 
-async def test_enter_sends_shift_enter_and_ctrl_j_insert_newlines():
+async def test_enter_sends_shift_enter_and_ctrl_j_insert_newlines(ready_app):
     app, engine = fake_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready)
+    async with ready_app(app, SIZE) as pilot:
         await pilot.press("a", "shift+enter", "b", "ctrl+j", "c")
         assert app.prompt_input.text == "a\nb\nc"
         assert not engine.calls
@@ -72,10 +64,9 @@ async def test_question_while_loading_is_queued():
         assert app.query(AssistantMessage).last().text
 
 
-async def test_settings_screen_edits_sampling_system_prompt_and_tree():
+async def test_settings_screen_edits_sampling_system_prompt_and_tree(ready_app):
     app, engine = fake_app(settings=ChatSettings(max_tokens=64))
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready)
+    async with ready_app(app, SIZE) as pilot:
         await pilot.press("ctrl+s")
         assert isinstance(app.screen, SettingsScreen)
         screen = app.screen
@@ -109,10 +100,9 @@ async def test_settings_screen_edits_sampling_system_prompt_and_tree():
         assert app.settings.top_p == 0.9
 
 
-async def test_help_lists_every_key_and_bindings_exist():
+async def test_help_lists_every_key_and_bindings_exist(ready_app):
     app, _ = fake_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready)
+    async with ready_app(app, SIZE) as pilot:
         await pilot.press("f1")
         assert isinstance(app.screen, HelpScreen)
         await pilot.press("escape")
@@ -129,10 +119,9 @@ async def test_help_lists_every_key_and_bindings_exist():
             or "Quit" in titles
 
 
-async def test_new_chat_clears_history_and_resets_engine_cache():
+async def test_new_chat_clears_history_and_resets_engine_cache(ready_app):
     app, engine = fake_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready)
+    async with ready_app(app, SIZE) as pilot:
         await pilot.press(*"one", "enter")
         await wait_for(pilot, lambda: app.answers == 1)
         assert len(app.history) == 2
@@ -143,10 +132,9 @@ async def test_new_chat_clears_history_and_resets_engine_cache():
         assert app.stats_panel.values["tau"] == "–"
 
 
-async def test_escape_with_slow_engine_freezes_answer():
+async def test_escape_with_slow_engine_freezes_answer(ready_app):
     app, engine = fake_app(FakeEngine("word " * 400, step_delay=0.1), settings=ChatSettings(max_tokens=500))
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready)
+    async with ready_app(app, SIZE) as pilot:
         await pilot.press(*"go", "enter")
         w = app.query(AssistantMessage).last()
         await wait_for(pilot, lambda: len(w.segments) >= 3)
@@ -158,10 +146,9 @@ async def test_escape_with_slow_engine_freezes_answer():
         assert len(kept) < len(engine.answer)
 
 
-async def test_quit_with_ctrl_q_stops_engine_thread():
+async def test_quit_with_ctrl_q_stops_engine_thread(ready_app):
     app, _ = fake_app(FakeEngine(step_delay=0.05), settings=ChatSettings(max_tokens=500))
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready)
+    async with ready_app(app, SIZE) as pilot:
         await pilot.press(*"go", "enter")
         await pilot.pause(0.1)
         await pilot.press("ctrl+q")
@@ -227,11 +214,10 @@ def test_smoke_mode_reports_setup_error(monkeypatch, capsys):
     assert "--model" in err and "--draft" in err
 
 
-async def test_scroll_pinned_to_bottom_unless_user_scrolls_up():
+async def test_scroll_pinned_to_bottom_unless_user_scrolls_up(ready_app):
     text = "\n\n".join(f"paragraph {i} " + "word " * 12 for i in range(60))
     app, engine = fake_app(FakeEngine(text, step_delay=0.02), settings=ChatSettings(max_tokens=2000))
-    async with app.run_test(size=(90, 24)) as pilot:
-        await wait_for(pilot, lambda: app.ready)
+    async with ready_app(app, (90, 24)) as pilot:
         await pilot.press(*"go", "enter")
         conv = app.conversation
         await wait_for(pilot, lambda: conv.max_scroll_y > 20, what="overflow")
@@ -252,12 +238,11 @@ async def test_scroll_pinned_to_bottom_unless_user_scrolls_up():
         assert conv.scroll_y >= conv.max_scroll_y - 1
 
 
-async def test_stats_refresh_after_shutdown_is_harmless():
+async def test_stats_refresh_after_shutdown_is_harmless(ready_app):
     # Quitting while an answer streams: the stats timer can fire once more
     # after the widgets are gone (seen as a flaky NoMatches in CI).
     app, engine = fake_app(FakeEngine("word " * 400, step_delay=0.02))
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready)
+    async with ready_app(app, SIZE) as pilot:
         await pilot.press(*"go", "enter")
         await wait_for(pilot, lambda: app.chunks_received > 2, what="streaming")
     app._stats_dirty = True
@@ -300,13 +285,12 @@ def test_ui_thread_priority_is_lowered_for_that_thread_only():
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
 
 
-async def test_app_hands_the_gil_over_quickly_while_it_runs_and_restores_it():
+async def test_app_hands_the_gil_over_quickly_while_it_runs_and_restores_it(ready_app):
     from eagle3_mlx.tui.app import GIL_SWITCH_INTERVAL_S
 
     before = sys.getswitchinterval()
     assert before > GIL_SWITCH_INTERVAL_S          # CPython's default 5 ms
     app, _ = fake_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready)
+    async with ready_app(app, SIZE) as pilot:
         assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
     assert sys.getswitchinterval() == pytest.approx(before)

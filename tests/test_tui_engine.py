@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 
 import pytest
+
+from _tui import Recorder, ask, wait_for
 
 from eagle3_mlx.tui.app import ChatApp
 from eagle3_mlx.tui.cli import make_loader
@@ -29,30 +30,6 @@ def visible(text: str) -> str:
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-class Recorder:
-    """Pass-through wrapper that records what the engine was asked and yielded."""
-
-    def __init__(self, engine):
-        self._engine = engine
-        self.calls: list[dict] = []
-        self.answers: list[list] = []
-        self.fail_next: BaseException | None = None
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def stream_generate(self, prompt, **kw):
-        self.calls.append(dict(kw, prompt=prompt))
-        if self.fail_next is not None:
-            exc, self.fail_next = self.fail_next, None
-            raise exc
-        got: list = []
-        self.answers.append(got)
-        for r in self._engine.stream_generate(prompt, **kw):
-            got.append(r)
-            yield r
 
 
 def recording_loader(model, draft, holder: dict, **engine_kw):
@@ -73,35 +50,18 @@ def recording_loader(model, draft, holder: dict, **engine_kw):
     return loader
 
 
-async def wait_for(pilot, cond, timeout: float = 30.0, what: str = "condition"):
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        await pilot.pause(0.02)
-
-
-async def ask(pilot, app: ChatApp, text: str, timeout: float = 30.0):
-    """Type ``text`` into the prompt, press enter and wait for the answer."""
-    before = app.answers
-    await pilot.press(*text, "enter")
-    await wait_for(pilot, lambda: app.answers > before and app.turn is None, timeout, f"answer to {text!r}")
-    return app.query(AssistantMessage).last()
-
-
-def make_app(tiny_pair, holder, settings=None, **engine_kw) -> ChatApp:
-    model, draft = tiny_pair
+def make_app(demo_dirs, holder, settings=None, **engine_kw) -> ChatApp:
+    model, draft = demo_dirs
     return ChatApp(recording_loader(model, draft, holder, **engine_kw),
                    settings=settings or ChatSettings(max_tokens=48), model_label="tiny",
                    animate_loading=False)
 
 
-async def test_prompt_streams_answer_and_panel_matches_engine(tiny_pair):
+async def test_prompt_streams_answer_and_panel_matches_engine(demo_dirs, ready_app):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=96))
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=96))
     app.engine_thread._flush_interval = 0.0  # one post per token: proves streaming
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready, what="model load")
+    async with ready_app(app, SIZE) as pilot:
         widget = await ask(pilot, app, "hello there")
         rec = holder["rec"]
         final = rec.answers[-1][-1]
@@ -131,11 +91,10 @@ async def test_prompt_streams_answer_and_panel_matches_engine(tiny_pair):
         assert v["ttft"].endswith(" ms") and v["peak_memory"].endswith("B")
 
 
-async def test_escape_stops_at_once_and_next_prompt_works(tiny_pair):
+async def test_escape_stops_at_once_and_next_prompt_works(demo_dirs, ready_app):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=3000))
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready, what="model load")
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=3000))
+    async with ready_app(app, SIZE) as pilot:
         await pilot.press(*"Tell me a story", "enter")
         widget = app.query(AssistantMessage).last()
         await wait_for(pilot, lambda: len(widget.segments) >= 5, what="first tokens")
@@ -159,11 +118,10 @@ async def test_escape_stops_at_once_and_next_prompt_works(tiny_pair):
         assert rec.calls[-1]["prompt"][1] == {"role": "assistant", "content": kept}
 
 
-async def test_second_turn_reuses_prompt_cache(tiny_pair):
+async def test_second_turn_reuses_prompt_cache(demo_dirs, ready_app):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=24))
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready, what="model load")
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=24))
+    async with ready_app(app, SIZE) as pilot:
         await ask(pilot, app, "hello there")
         rec = holder["rec"]
         p1 = rec.prompt_tokens_processed
@@ -179,11 +137,10 @@ async def test_second_turn_reuses_prompt_cache(tiny_pair):
         assert app.stats_panel.values["prefill"] == f"{p2 - p1} new / {full}"
 
 
-async def test_colour_toggle_shows_token_origin(tiny_pair):
+async def test_colour_toggle_shows_token_origin(demo_dirs, ready_app):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=64))
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready, what="model load")
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=64))
+    async with ready_app(app, SIZE) as pilot:
         widget = await ask(pilot, app, "hello there")
         rs = [r for r in holder["rec"].answers[-1] if r.text]
         assert widget.markdown.display and not widget.origin_view.display
@@ -204,11 +161,10 @@ async def test_colour_toggle_shows_token_origin(tiny_pair):
         assert not app.coloured and widget.markdown.display and not widget.origin_view.display
 
 
-async def test_plain_decoding_toggle_compares_speed(tiny_pair):
+async def test_plain_decoding_toggle_compares_speed(demo_dirs, ready_app):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=24))
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready, what="model load")
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=24))
+    async with ready_app(app, SIZE) as pilot:
         await ask(pilot, app, "hello there")
         rec = holder["rec"]
         spec_final = rec.answers[-1][-1]
@@ -232,11 +188,10 @@ async def test_plain_decoding_toggle_compares_speed(tiny_pair):
         assert app.stats_panel.values["mode"] == "speculative"
 
 
-async def test_engine_error_is_shown_and_app_keeps_working(tiny_pair):
+async def test_engine_error_is_shown_and_app_keeps_working(demo_dirs, ready_app):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=16))
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready, what="model load")
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=16))
+    async with ready_app(app, SIZE) as pilot:
         holder["rec"].fail_next = RuntimeError("[metal::malloc] Attempting to allocate 99 GB: out of memory")
         before = len(app.errors)
         await pilot.press(*"hello there", "enter")
@@ -248,11 +203,10 @@ async def test_engine_error_is_shown_and_app_keeps_working(tiny_pair):
         assert widget.text and app.history[-1]["content"] == widget.text
 
 
-async def test_context_limit_is_reported_and_new_chat_recovers(tiny_pair):
+async def test_context_limit_is_reported_and_new_chat_recovers(demo_dirs, ready_app):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=200), max_context=48)
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready, what="model load")
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=200), max_context=48)
+    async with ready_app(app, SIZE) as pilot:
         await ask(pilot, app, "hello there")
         assert holder["rec"].answers[-1][-1].finish_reason == "context"
         assert any("Context limit" in n.text for n in app.query(NoticeMessage) if n.is_error)
@@ -286,13 +240,13 @@ async def test_bad_model_path_is_a_message_not_a_crash(tmp_path):
         assert app.is_running
 
 
-def test_engine_runs_on_one_thread(tiny_pair):
+def test_engine_runs_on_one_thread(demo_dirs, ready_app):
     """Loading and every generation happen on the same long-lived thread."""
     seen = []
 
     async def run():
         holder: dict = {}
-        model, draft = tiny_pair
+        model, draft = demo_dirs
         base = recording_loader(model, draft, holder)
 
         def loader(progress):
@@ -312,8 +266,7 @@ def test_engine_runs_on_one_thread(tiny_pair):
 
         Recorder.stream_generate = spy
         try:
-            async with app.run_test(size=SIZE) as pilot:
-                await wait_for(pilot, lambda: app.ready, what="model load")
+            async with ready_app(app, SIZE) as pilot:
                 await ask(pilot, app, "hi")
                 await ask(pilot, app, "hello")
                 ui = app._thread_id
@@ -326,11 +279,10 @@ def test_engine_runs_on_one_thread(tiny_pair):
     assert len(seen) == 3 and len(threads) == 1 and ui_thread not in threads
 
 
-async def test_settings_change_the_real_engines_tree(tiny_pair):
+async def test_settings_change_the_real_engines_tree(demo_dirs, ready_app):
     holder: dict = {}
-    app = make_app(tiny_pair, holder, ChatSettings(max_tokens=12))
-    async with app.run_test(size=SIZE) as pilot:
-        await wait_for(pilot, lambda: app.ready, what="model load")
+    app = make_app(demo_dirs, holder, ChatSettings(max_tokens=12))
+    async with ready_app(app, SIZE) as pilot:
         assert app.stats_panel.values["tree"] == "k4 d4 n16"  # read from the engine
         await pilot.press("ctrl+s")
         for name, value in (("top_k_tree", "1"), ("depth", "3"), ("total_tokens", "4")):
@@ -347,10 +299,10 @@ async def test_settings_change_the_real_engines_tree(tiny_pair):
         assert app.stats_panel.values["tree"] == "k1 d3 n4 (chain)"
 
 
-def test_smoke_mode_answers_once_and_prints_statistics(tiny_pair, capsys):
+def test_smoke_mode_answers_once_and_prints_statistics(demo_dirs, capsys):
     from eagle3_mlx.tui import cli
 
-    model, draft = tiny_pair
+    model, draft = demo_dirs
     rc = cli.main(["--model", str(model), "--draft", str(draft), "--max-tokens", "12", "--smoke", "hello there"])
     out = capsys.readouterr().out
     assert rc == 0

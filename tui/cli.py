@@ -11,6 +11,7 @@ Also runnable as ``python -m eagle3_mlx.tui.cli``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import sys
 from pathlib import Path
@@ -92,7 +93,9 @@ def resolve_paths(model: str | None, draft: str | None, progress: Callable[..., 
     if model and not draft:
         return model, None          # no head: the engine speculates from context n-grams
     try:
-        from eagle3_mlx import default_model as dm
+        # import_module reads sys.modules; ``from eagle3_mlx import default_model``
+        # would take the package attribute left by any earlier import instead.
+        dm = importlib.import_module("eagle3_mlx.default_model")
     except ImportError:
         dm = None
     ensure = getattr(dm, "ensure_default_model", None)
@@ -143,13 +146,13 @@ def make_loader(model: str | None, draft: str | None, tree: dict | None = None,
         engine = load(m, d, draft_source=draft_source, draft_feedback=draft_feedback,
                       log=lambda t: progress(str(t).removeprefix("eagle3-mlx: ")), **tree)
         if not tree and engine.head is not None:
-            from eagle3_mlx.cli import apply_tree_arg
+            from eagle3_mlx.tuning.choose import apply_tree
 
             progress("Choosing the draft tree for this machine…")
-            apply_tree_arg(engine, tree_arg, log=progress)
+            apply_tree(engine, tree_arg, log=progress)
         return engine
 
-    from eagle3_mlx.cli import auto_tuner, is_auto_tree
+    from eagle3_mlx.tuning.choose import auto_tuner, is_auto_tree
 
     if not tree and is_auto_tree(tree_arg):
         options = dict(tuner_options or {})
@@ -183,65 +186,42 @@ def settings_from_args(args):
                         top_k_tree=args.top_k_tree, depth=args.depth, total_tokens=args.total_tokens)
 
 
-def stats_line(r: Any, ttft_ms: float | None = None) -> str:
-    def g(name, spec, unit=""):
-        v = getattr(r, name, None)
-        return "–" if v is None else f"{v:{spec}}{unit}"
-
-    parts = [f"{g('generation_tokens', 'd')} tokens", f"{g('tokens_per_step', '.2f')} tokens/step",
-             f"{g('generation_tps', '.1f')} tok/s", f"draft {g('draft_ms', '.2f')} ms",
-             f"verify {g('verify_ms', '.2f')} ms", f"peak {g('peak_memory', '.2f')} GB"]
-    if ttft_ms is not None:
-        parts.append(f"first token {ttft_ms:.0f} ms")
-    parts.append(f"finish {getattr(r, 'finish_reason', None)}")
-    src = getattr(r, "source_tokens", None)
-    if src and getattr(r, "speculative", False):
-        parts.append("accepted by source " + ", ".join(f"{k} {v}" for k, v in src.items()))
-    return "[" + " · ".join(parts) + "]"
-
-
 def smoke(args) -> int:
     """Answer one question without the UI (CI check of the README command)."""
-    import time
+    from eagle3_mlx.runs import collect, format_stats
 
     def progress(text, fraction=None):
         print(text, file=sys.stderr, flush=True)
 
-    from eagle3_mlx.cli import RUN_TUNE_STEPS, finish_run_tuning
+    from eagle3_mlx.tuning.choose import RUN_TUNE_STEPS, finish_run_tuning
 
     loader = make_loader(args.model, args.draft, tree_kwargs(args), args.tree,
                          tuner_options={"every": RUN_TUNE_STEPS}, draft_source=args.draft_source,
                          draft_feedback=args.draft_feedback)
     try:
         engine = loader(progress)
-    except ChatSetupError as exc:
-        print(f"eagle3-mlx chat: {exc}", file=sys.stderr)
-        return 2
     except Exception as exc:  # noqa: BLE001 - a message, not a traceback
-        from .engine_thread import describe_load_error
+        from .engine_thread import report_load_failure
 
-        print(f"eagle3-mlx chat: {describe_load_error(exc)}", file=sys.stderr)
-        return 1
+        return report_load_failure("eagle3-mlx chat", exc)
     msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.smoke}]
     # --tree auto: the answer's acceptance refreshes the cached calibration
     make_tuner = getattr(loader, "make_tuner", None)
     tuner = make_tuner(engine) if make_tuner is not None and not args.plain else None
-    last = None
-    t0 = time.perf_counter()
-    ttft = None
-    for r in engine.stream_generate(msgs, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
-                                    speculative=not args.plain):
-        if ttft is None:
-            ttft = (time.perf_counter() - t0) * 1000
+
+    def show(r):
         sys.stdout.write(r.text)
         sys.stdout.flush()
-        last = r
         if tuner is not None:
             tuner.observe(r)
+
+    run = collect(engine.stream_generate(msgs, max_tokens=args.max_tokens, temp=args.temp,
+                                         top_p=args.top_p, speculative=not args.plain),
+                  on_response=show)
     print()
-    if last is not None:
-        print(stats_line(last, ttft))
+    if run.last is not None:
+        print(format_stats(run.last, run.ttft_ms))
     finish_run_tuning(tuner, log=lambda m: print(m, file=sys.stderr))
     return 0
 

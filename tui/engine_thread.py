@@ -1,7 +1,7 @@
 """The one long-lived thread that owns the engine.
 
-MLX streams belong to the thread that created them (see
-shared/docs/mlx-notes.md section 6), so a single thread loads the model and
+MLX streams belong to the thread that created them (MLX work on another
+thread fails or waits on the first one's stream), so a single thread loads the model and
 does every piece of MLX work: prefill, drafting, verification, cache resets and
 tree changes.  The UI puts requests on a ``queue.Queue`` and never waits for
 the model; the thread posts Textual messages back (``post_message`` is
@@ -19,6 +19,7 @@ the settings, is never changed.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -403,3 +404,13 @@ def describe_load_error(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         return f"Could not load the model: {exc}. Check the --model and --draft paths."
     return f"Could not load the model: {describe_error(exc)}"
+
+
+def report_load_failure(prog: str, exc: BaseException) -> int:
+    """One line on stderr saying why the model did not load, for a command
+    (``prog``) that then exits with the returned status: 2 for a setup error
+    (the message says what to pass instead), 1 when loading itself failed."""
+    from .errors import ChatSetupError
+
+    print(f"{prog}: {describe_load_error(exc)}", file=sys.stderr)
+    return 2 if isinstance(exc, ChatSetupError) else 1

@@ -33,7 +33,8 @@ GRACEFUL_SHUTDOWN_S = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import add_draft_source_arg, add_tree_args
+    from ..cli import add_draft_source_arg
+    from ..tuning.choose import add_tree_args
 
     p = argparse.ArgumentParser(
         prog="eagle3-mlx serve",
@@ -90,7 +91,7 @@ def make_loader(args, facts: dict):
 
     def loader():
         from ..api import load
-        from ..cli import apply_tree_arg, auto_tuner
+        from ..tuning.choose import apply_tree, auto_tuner
         from ..tui.cli import _name, resolve_paths
 
         model, draft, name = args.model, args.draft, None
@@ -104,7 +105,7 @@ def make_loader(args, facts: dict):
         engine = load(model, draft, draft_source=args.draft_source, draft_feedback=args.draft_feedback)
         tuner = None
         if engine.head is not None:
-            apply_tree_arg(engine, args.tree, log=_log)
+            apply_tree(engine, args.tree, log=_log)
             # --tree auto: the online tuner refines the tree between requests, as in chat
             tuner = auto_tuner(engine, args.tree)
         spec = engine.spec
@@ -144,7 +145,6 @@ def serve_main(argv=None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     _validate(args, parser)
 
-    from ..tui.errors import ChatSetupError
     from .app import create_app
     from .worker import EngineWorker
 
@@ -153,12 +153,10 @@ def serve_main(argv=None) -> int:
     worker.start()
     try:
         worker.wait_loaded()
-    except ChatSetupError as e:
-        print(f"eagle3-mlx serve: {e}", file=sys.stderr)
-        return 2
     except Exception as e:  # noqa: BLE001 - one line, not a traceback
-        print(f"eagle3-mlx serve: could not load the model: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        from ..tui.engine_thread import report_load_failure
+
+        return report_load_failure("eagle3-mlx serve", e)
     try:
         sock = _bind(args.host, args.port)
     except OSError as e:

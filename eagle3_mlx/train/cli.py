@@ -415,8 +415,7 @@ def write_summary(run: Run):
 
     s = dict(run.stats)
     s["config"] = run.cfg
-    from ..calibrate import openblas_loaded
-    from ..platform import mlx_backend
+    from ..platform import mlx_backend, openblas_loaded
 
     s["hardware"] = dict(machine=platform.machine(), system=platform.system(),
                          processor=platform.processor(), cpus=__import__("os").cpu_count(),

@@ -1,0 +1,101 @@
+"""What ``eagle3-mlx bench`` shows: its tables and its plot.
+
+Contract: plain functions from the bench's rows and summaries (see
+:func:`eagle3_mlx.bench.summarize`) to text (:func:`format_rows`,
+:func:`format_summary`, :func:`format_sources`, :func:`format_grid`) and to a
+PNG (:func:`write_plot`, needs matplotlib). Nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+
+def _f(x, fmt="{:.2f}", none="-"):
+    return none if x is None else fmt.format(x)
+
+
+def format_rows(rows: List[dict]) -> str:
+    lines = [f"{'id':>6} {'category':<11} {'turn':>4} {'tokens':>6} {'tau':>5} {'spec t/s':>8} "
+             f"{'plain t/s':>9} {'speedup':>7}  same"]
+    for r in rows:
+        same = {True: "yes", False: f"no@{r['first_mismatch']}", None: "n/a"}[r["identical"]]
+        lines.append(f"{r['id']:>6} {r['category'][:11]:<11} {r['turn']:>4} {r['tokens']:>6} "
+                     f"{_f(r['tau']):>5} {_f(r['spec_tps'], '{:.1f}'):>8} {_f(r['plain_tps'], '{:.1f}'):>9} "
+                     f"{_f(r['speedup'], '{:.2f}x'):>7}  {same}")
+    return "\n".join(lines)
+
+
+def format_summary(cats: Dict[str, dict], total: dict) -> str:
+    lines = [f"{'category':<12} {'prompts':>7} {'tokens':>7} {'tau':>5} {'spec t/s':>8} {'plain t/s':>9} "
+             f"{'speedup':>7} {'identical':>9}"]
+
+    def line(name, s):
+        ident = "-" if s["identical"] is None else f"{s['identical']}/{s['compared']}"
+        return (f"{name[:12]:<12} {s['prompts']:>7} {s['tokens']:>7} {_f(s['tau']):>5} "
+                f"{_f(s['spec_tps'], '{:.1f}'):>8} {_f(s['plain_tps'], '{:.1f}'):>9} "
+                f"{_f(s['speedup'], '{:.2f}x'):>7} {ident:>9}")
+
+    for c in sorted(cats):
+        lines.append(line(c, cats[c]))
+    lines.append("-" * len(lines[0]))
+    lines.append(line("overall", total))
+    return "\n".join(lines)
+
+
+def format_sources(by_source: Dict[str, dict]) -> str:
+    """One line per draft source and category: tau and speedup side by side."""
+    cats = sorted({c for v in by_source.values() for c in v["categories"]})
+    names = list(by_source)
+    w = max(len(c) for c in cats + ["category", "overall"])
+    head = f"{'category':<{w}} " + " ".join(f"{n + ' tau':>11} {n + ' x':>9}" for n in names)
+    lines = [head]
+    for c in cats + ["overall"]:
+        cells = []
+        for n in names:
+            v = by_source[n]["summary"] if c == "overall" else by_source[n]["categories"].get(c, {})
+            cells.append(f"{_f(v.get('tau')):>11} {_f(v.get('speedup'), '{:.2f}x'):>9}")
+        lines.append(f"{c:<{w}} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def format_grid(grid: List[dict], chosen: Optional[str]) -> str:
+    lines = [f"{'tree k,d,n':<11} {'tau':>5} {'spec t/s':>8} {'speedup':>7} {'vs best':>7}"]
+    best = max((g["summary"]["spec_tps"] or 0) for g in grid) or 1.0
+    for g in sorted(grid, key=lambda g: -(g["summary"]["spec_tps"] or 0)):
+        s = g["summary"]
+        mark = "  <- auto" if g["tree"] == chosen else ""
+        lines.append(f"{g['tree']:<11} {_f(s['tau']):>5} {_f(s['spec_tps'], '{:.1f}'):>8} "
+                     f"{_f(s['speedup'], '{:.2f}x'):>7} {_f((s['spec_tps'] or 0) / best, '{:.1%}'):>7}{mark}")
+    return "\n".join(lines)
+
+
+def write_plot(path, cats: Dict[str, dict], total: dict, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(cats)
+    sp = [cats[c]["speedup"] or 0 for c in names]
+    tau = [cats[c]["tau"] or 0 for c in names]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    axes[0].bar(names, sp, color="#4C72B0")
+    axes[0].axhline(1.0, color="gray", lw=1, ls="--")
+    if total.get("speedup"):
+        axes[0].axhline(total["speedup"], color="#C44E52", lw=1.2, label=f"overall {total['speedup']:.2f}x")
+        axes[0].legend(loc="lower right")
+    axes[0].set_ylabel("speedup vs plain mlx-lm")
+    axes[0].set_title("speedup per category")
+    axes[1].bar(names, tau, color="#55A868")
+    if total.get("tau"):
+        axes[1].axhline(total["tau"], color="#C44E52", lw=1.2, label=f"overall {total['tau']:.2f}")
+        axes[1].legend(loc="lower right")
+    axes[1].set_ylabel("tau (tokens per target forward)")
+    axes[1].set_title("tau per category")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=35)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
