@@ -2,13 +2,10 @@
 EAGLE-3.1 head (fc_norm, normed feedback) and a Qwen3-style head (q/k norms,
 attention bias), both with a draft sliding window short enough to bite."""
 
-import mlx.core as mx
 import pytest
 
-from eagle3_mlx.testing import OracleHead
 from eagle3_mlx.engine import Engine
-from eagle3_mlx.target import TargetModel
-from eagle3_mlx.testing import PROMPTS, make_random_head
+from eagle3_mlx.testing import PROMPTS, make_oracle_head
 from test_engine_lossless import reference_greedy
 
 N_PROMPTS, N_TOKENS = 5, 40
@@ -18,26 +15,10 @@ HEADS = {
 }
 
 
-def oracle_head(model, every=8, seed=3, **cfg):
-    """conftest's oracle (drafts the target's context-free guess on most
-    tokens, so long runs are accepted) with the 2026 options."""
-    t = TargetModel(model)
-    base = make_random_head(model, seed=seed, **cfg)
-    head = OracleHead(base.config)
-    head.update(base.parameters())
-    V = t.vocab_size
-    logits, _ = t.forward(mx.arange(V)[:, None], None)
-    object.__setattr__(head, "_table", t.embed_tokens(mx.arange(V)))
-    object.__setattr__(head, "_bigram", mx.argmax(logits[:, -1], axis=-1))
-    object.__setattr__(head, "_every", every)
-    mx.eval(head._table, head._bigram)
-    return head
-
-
 @pytest.mark.parametrize("kind", list(HEADS))
 def test_greedy_equals_target(kind, tiny):
     model, tok = tiny("llama")
-    head = oracle_head(model, **HEADS[kind])
+    head = make_oracle_head(model, **HEADS[kind])
     assert head.config.uses_2026_features()
     refs = [reference_greedy(model, tok.encode(p), N_TOKENS) for p in PROMPTS[:N_PROMPTS]]
     taus = []
