@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aux-layer-ids", metavar="I,J,K",
                    help="heads: override the aux target layers (HF hidden-states indices)")
     p.add_argument("--rope-theta", type=float, metavar="BASE", help="heads: override the draft RoPE base")
+    p.add_argument("--rope-from-target", action="store_true",
+                   help="heads: use the --target's RoPE base and scaling (YaRN, llama3) in the draft")
+    p.add_argument("--draft-feedback", choices=("prenorm", "normed"),
+                   help="heads: the state fed back between draft steps (default: normed when the config "
+                        "sets norm_output, else prenorm; SpecForge heads trained before 2026-09 need prenorm)")
     return p
 
 
@@ -90,6 +95,8 @@ def run(args) -> None:
         except ValueError:
             raise ConvertError("--aux-layer-ids", f"expected comma-separated integers, got {args.aux_layer_ids!r}") from None
     target = _read_target_config(args.target) if args.target else None
+    if args.rope_from_target and target is None:
+        raise ConvertError("--rope-from-target", "needs --target (the verifier whose RoPE the draft takes)")
 
     from .sources import WeightFiles, read_json, resolve_source
 
@@ -116,7 +123,8 @@ def run(args) -> None:
             head = convert_head(hs, stage, dtype=args.dtype, quantize=quantize,
                                 q_bits=quant and quant[1], q_group_size=quant and quant[0],
                                 q_mode=args.q_mode, aux_layer_ids=aux, rope_theta=args.rope_theta,
-                                target_config=target, log=_say)
+                                target_config=target, feedback=args.draft_feedback,
+                                rope_from_target=args.rope_from_target, log=_say)
         c = head.config
         _say(f"wrote MLX head to {out} (layers {c.num_hidden_layers}, hidden {c.hidden_size}, "
              f"draft vocab {c.draft_vocab_size}/{c.vocab_size}, rope_theta {c.rope_theta:g}, "

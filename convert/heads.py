@@ -12,6 +12,17 @@ Layouts (see ``shared/docs/eagle3-reference.md`` section 2):
 * ModelOpt / NVIDIA: ``layers.{i}.*`` with a flat config, optionally
   ``norm_before_fc`` with an ``input_norm.weight`` over the 3*Ht features.
 
+Features of the 2026 heads, read in any of these layouts:
+
+* EAGLE-3.1: ``fc_norm.{i}.weight`` (one RMSNorm per aux state before ``fc``)
+  and ``norm_output`` (the fed-back state is the final-normed one);
+* Qwen3-architecture draft layers: ``self_attn.{q,k}_norm.weight`` and
+  attention biases (``*_proj.bias``);
+* draft sliding windows (``sliding_window`` / ``layer_types`` /
+  ``use_sliding_window``) and RoPE scaling (``rope_scaling`` /
+  ``rope_parameters``: YaRN, llama3, linear);
+* aux ids and widths from every spelling (see ``compat.AUX_ID_TABLE``).
+
 Shapes come from the weights (the layer count always; the config's
 ``num_hidden_layers`` is known to be wrong on some hubs); the config supplies
 head counts, eps, RoPE and flags.
@@ -47,10 +58,20 @@ _LAYER_PARTS = {
     "input_layernorm.weight", "hidden_norm.weight", "post_attention_layernorm.weight",
     "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
     "self_attn.o_proj.weight", "self_attn.qkv_proj.weight",
+    "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
+    "self_attn.o_proj.bias", "self_attn.qkv_proj.bias",
+    "self_attn.q_norm.weight", "self_attn.k_norm.weight",
     "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "mlp.gate_up_proj.weight",
 }
 _TOP = {"fc.weight", "fc.bias", "norm.weight", "lm_head.weight", "embed_tokens.weight",
         "input_norm.weight", "d2t", "t2d"}
+_FC_NORM = re.compile(r"^fc_norm\.(\d+)\.weight$")
+
+# Config defaults of the nested layer config by model type: speculators writes
+# it with ``to_diff_dict``, which omits every field equal to these.
+_QWEN3_DEFAULTS = dict(vocab_size=151936, num_attention_heads=32, num_key_value_heads=32,
+                       head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                       use_sliding_window=False, attention_bias=False)
 
 
 def normalize_name(name: str):
@@ -117,8 +138,9 @@ def merged_config(raw: dict) -> dict:
     """One flat dict of head settings for any layout."""
     if "transformer_layer_config" not in raw:
         return dict(raw)
-    cfg = dict(_LLAMA_DEFAULTS)
-    cfg.update(raw.get("transformer_layer_config") or {})
+    layer = raw.get("transformer_layer_config") or {}
+    cfg = dict(_QWEN3_DEFAULTS if layer.get("model_type") == "qwen3" else _LLAMA_DEFAULTS)
+    cfg.update(layer)
     for k, v in raw.items():
         if k != "transformer_layer_config" and v is not None:
             cfg[k] = v
@@ -141,22 +163,43 @@ def _rope(cfg: dict):
     return float(theta), scaling
 
 
-def _aux_layer_ids(cfg: dict, layout: str):
-    """Aux ids as HF hidden-states indices (id k = input of layer k).
+def _window(cfg: dict):
+    """(sliding_window, layer_types) of the draft layers, or (None, None).
 
-    Top-level ``eagle_aux_hidden_state_layer_ids`` (speculators, vLLM) already
-    use that convention. SpecForge/ModelOpt ``eagle_config`` ids are
-    "output of layer k" when the first id is 1 (SGLang then adds +1; the
-    rule of sglang PR#25454), else they are already input-of-layer indices.
-    """
-    ids = cfg.get("eagle_aux_hidden_state_layer_ids")
-    if ids:
-        return [int(i) for i in ids]
-    ids = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-    if ids:
-        ids = [int(i) for i in ids]
-        return [i + 1 for i in ids] if ids[0] == 1 else ids
-    return None
+    ``layer_types`` (transformers >= 4.53) says per layer; else a Qwen3-style
+    ``use_sliding_window: false`` switches a configured window off; else a
+    ``sliding_window`` applies to every draft layer (speculators: 2048)."""
+    w = cfg.get("sliding_window")
+    types = cfg.get("layer_types")
+    if not w:
+        return None, None
+    if types:
+        types = list(types)
+        return (int(w), types) if "sliding_attention" in types else (None, None)
+    if cfg.get("use_sliding_window") is False:
+        return None, None
+    return int(w), None
+
+
+def _feedback(cfg: dict, layout: str, override, log):
+    """The state fed back between draft steps: "normed" or "prenorm".
+
+    ``norm_output`` true means "normed" in speculators, vLLM and SpecForge from
+    its 2026-09 fix on; SpecForge before the fix wrote ``norm_output: true``
+    and fed back the pre-norm state. A flat (SpecForge/official-style) config
+    carries nothing that dates the training, so such heads get "normed" with a
+    note naming the override (``--draft-feedback prenorm``)."""
+    norm_output = bool(_flag(cfg, "norm_output"))
+    if override is not None:
+        return override
+    if not norm_output:
+        return "prenorm"
+    if cfg.get("eagle3_feedback") in ("prenorm", "normed"):  # written by eagle3-mlx's exporter
+        return cfg["eagle3_feedback"]
+    if layout not in ("speculators",):
+        log("note: norm_output is set: feeding back the final-normed state; a SpecForge head "
+            "trained before 2026-09 fed back the pre-norm one (pass --draft-feedback prenorm)")
+    return "normed"
 
 
 class HeadSource:
@@ -167,13 +210,29 @@ class HeadSource:
         self.layout = detect_layout(raw_config, weights.shapes)
 
     def describe(self) -> str:
-        return f"EAGLE-3 head ({LAYOUT_NAMES[self.layout]})"
+        cfg = merged_config(self.raw)
+        names = {normalize_name(n) for n in self.weights.shapes}
+        extra = []
+        if any(n and _FC_NORM.match(n) for n in names) or _flag(cfg, "fc_norm"):
+            extra.append("EAGLE-3.1 fc_norm")
+        if _flag(cfg, "norm_output"):
+            extra.append("norm_output")
+        if any(n and n.endswith("self_attn.q_norm.weight") for n in names):
+            extra.append("Qwen3-style layer")
+        if _window(cfg)[0]:
+            extra.append(f"sliding window {_window(cfg)[0]}")
+        return f"EAGLE-3 head ({LAYOUT_NAMES[self.layout]}{'; ' + ', '.join(extra) if extra else ''})"
 
     def _err(self, name, reason):
         return ConvertError(self.weights.origin.get(name, self.src), reason)
 
-    def build(self, *, dtype=None, aux_layer_ids=None, rope_theta=None):
-        """-> Eagle3Head with the checkpoint's weights."""
+    def build(self, *, dtype=None, aux_layer_ids=None, rope_theta=None, feedback=None,
+              num_target_layers=None, rope_from=None):
+        """-> Eagle3Head with the checkpoint's weights. ``feedback`` overrides
+        the fed-back state; ``num_target_layers`` (L, when the target is known)
+        settles ambiguous aux id conventions; ``rope_from`` (a target config)
+        gives the draft the verifier's RoPE base and scaling, as speculators
+        trains it (its converter once dropped ``rope_scaling``)."""
         import mlx.core as mx
         import numpy as np
 
@@ -187,7 +246,8 @@ class HeadSource:
             if m is None:
                 continue
             parts = m.split(".", 2)
-            ok = m in _TOP or (parts[0] == "layers" and len(parts) == 3 and parts[2] in _LAYER_PARTS)
+            ok = (m in _TOP or bool(_FC_NORM.match(m))
+                  or (parts[0] == "layers" and len(parts) == 3 and parts[2] in _LAYER_PARTS))
             if not ok:
                 raise self._err(n, f"unsupported tensor {n!r} in an EAGLE-3 head (unknown layout, "
                                    "or a draft layer this converter does not support)")
@@ -204,12 +264,23 @@ class HeadSource:
             raise ConvertError(self.src, "the head has no lm_head.weight (heads that share the "
                                          "target's lm_head are not supported)")
         H, fc_in = shapes["fc.weight"]
-        if fc_in % 3:
-            raise self._err("fc.weight", f"fc.weight has {fc_in} input columns, not 3 x target_hidden_size")
-        Ht = fc_in // 3
-        if cfg.get("target_hidden_size") not in (None, Ht):
-            raise self._err("fc.weight", f"config target_hidden_size {cfg['target_hidden_size']} but "
-                                         f"fc.weight is [{H}, {fc_in}] (3x{Ht})")
+        from ..compat import aux_ids_from_config, num_aux_states
+
+        if aux_layer_ids is not None:
+            aux, aux_from = list(aux_layer_ids), "--aux-layer-ids"
+        else:
+            aux, aux_from = aux_ids_from_config(cfg, num_target_layers)
+        try:
+            n_aux, Ht = num_aux_states(cfg, fc_in, aux)
+        except ValueError as e:
+            raise self._err("fc.weight", f"fc.weight is [{H}, {fc_in}]: {e}") from None
+        fc_norms = sorted(int(_FC_NORM.match(m).group(1)) for m in shapes if _FC_NORM.match(m))
+        if fc_norms and (fc_norms != list(range(n_aux))
+                         or any(shapes[f"fc_norm.{i}.weight"] != (Ht,) for i in fc_norms)):
+            raise ConvertError(self.src, f"fc_norm tensors {fc_norms} do not match {n_aux} aux states "
+                                         f"of width {Ht} (expected fc_norm.0..{n_aux - 1}.weight, [{Ht}] each)")
+        if _flag(cfg, "fc_norm") and not fc_norms:
+            raise ConvertError(self.src, "config sets fc_norm but the weights have no fc_norm.{i}.weight")
         if cfg.get("hidden_size") not in (None, H) and "transformer_layer_config" not in self.raw:
             raise self._err("fc.weight", f"config hidden_size {cfg['hidden_size']} but fc.weight has {H} rows")
         Vd = shapes["lm_head.weight"][0]
@@ -245,6 +316,9 @@ class HeadSource:
 
         has_input_norm = "input_norm.weight" in w
         nbf = bool(_flag(cfg, "norm_before_fc"))
+        if has_input_norm and fc_norms:
+            raise ConvertError(self.src, "the head has both input_norm.weight (norm_before_fc) and "
+                                         "fc_norm.{i}.weight (EAGLE-3.1 fc_norm); they are exclusive")
         if nbf and not has_input_norm:
             raise ConvertError(self.src, "config sets norm_before_fc but the weights have no input_norm.weight")
         if has_input_norm and not nbf:
@@ -266,9 +340,31 @@ class HeadSource:
             raise ConvertError(self.src, f"the head has no embed_tokens.weight and its hidden_size {H} != "
                                          f"target hidden size {Ht}, so the target's embedding cannot be shared")
         theta, scaling = _rope(cfg)
+        if rope_from is not None:
+            theta, scaling = _rope(rope_from.get("text_config") or rope_from)
+            self.log(f"note: draft RoPE from the target: base {theta:g}"
+                     + (f", {scaling.get('rope_type') or scaling.get('type')} scaling" if scaling else ""))
         if rope_theta is not None:
             theta = float(rope_theta)
-        aux = list(aux_layer_ids) if aux_layer_ids is not None else _aux_layer_ids(cfg, self.layout)
+        if aux_from and aux_from.startswith("eagle_config") and "+1" in aux_from:
+            self.log(f"note: aux layer ids from {aux_from}: {aux}")
+        window, layer_types = _window(cfg)
+        qk_norm = "layers.0.self_attn.q_norm.weight" in w
+        if qk_norm and w["layers.0.self_attn.q_norm.weight"].shape != (hd,):
+            raise self._err(mapping.get("layers.0.self_attn.q_norm.weight"),
+                            f"q_norm.weight has shape {tuple(w['layers.0.self_attn.q_norm.weight'].shape)}, "
+                            f"expected ({hd},) (one weight per head_dim)")
+        attn_bias = "layers.0.self_attn.q_proj.bias" in w
+        if bool(cfg.get("attention_bias")) != attn_bias and "attention_bias" in cfg:
+            raise ConvertError(self.src, f"config attention_bias is {cfg['attention_bias']} but the weights "
+                                         f"{'have' if attn_bias else 'have no'} q_proj.bias")
+        if attn_bias and "layers.0.self_attn.o_proj.bias" not in w:
+            # Qwen2-style: q/k/v biases only; o_proj gets a zero bias.
+            import mlx.core as mx
+
+            for i in range(n_layers):
+                w[f"layers.{i}.self_attn.o_proj.bias"] = mx.zeros((H,), dtype=w["fc.weight"].dtype)
+        feedback = _feedback(cfg, self.layout, feedback, self.log)
 
         try:
             hcfg = HeadConfig(
@@ -279,6 +375,9 @@ class HeadSource:
                 max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
                 norm_before_residual=nbr, norm_before_fc=has_input_norm, fc_bias="fc.bias" in w,
                 has_embedding=has_embed, aux_layer_ids=aux, source_format=self.layout,
+                num_aux_hidden_states=n_aux, fc_norm=bool(fc_norms),
+                norm_output=bool(_flag(cfg, "norm_output")), feedback=feedback, qk_norm=qk_norm,
+                attention_bias=attn_bias, sliding_window=window, layer_types=layer_types,
             )
             head = Eagle3Head(hcfg)
         except (HeadError, ValueError, KeyError, TypeError) as e:
@@ -326,6 +425,9 @@ class HeadSource:
                                              f"{nkv}) x head_dim {hd} = {(nh + 2 * nkv) * hd}")
             q, k, v = mx.split(qkv, [nh * hd, (nh + nkv) * hd], axis=0)
             w[pre + "q_proj.weight"], w[pre + "k_proj.weight"], w[pre + "v_proj.weight"] = q, k, v
+            if pre + "qkv_proj.bias" in w:
+                q, k, v = mx.split(w.pop(pre + "qkv_proj.bias"), [nh * hd, (nh + nkv) * hd], axis=0)
+                w[pre + "q_proj.bias"], w[pre + "k_proj.bias"], w[pre + "v_proj.bias"] = q, k, v
         for key in [k for k in w if k.endswith("mlp.gate_up_proj.weight")]:
             gu = w.pop(key)
             pre = key[: -len("gate_up_proj.weight")]
@@ -366,14 +468,19 @@ class HeadSource:
 
 def convert_head(head_src: HeadSource, stage: Path, *, dtype=None, quantize=False, q_bits=None,
                  q_group_size=None, q_mode="affine", aux_layer_ids=None, rope_theta=None,
-                 target_config=None, log=print):
+                 target_config=None, feedback=None, rope_from_target=False, log=print):
     """Build the MLX head, check it against ``target_config`` (if given),
     quantize it (if asked) and save it into ``stage``. Returns the head."""
     from eagle3_mlx.head import quantize_head, save_head
 
     from ..compat import HeadTargetMismatch, check_head_against_target
 
-    head = head_src.build(dtype=dtype, aux_layer_ids=aux_layer_ids, rope_theta=rope_theta)
+    from ..compat import target_dims
+
+    L = target_dims(target_config[0])["num_hidden_layers"] if target_config is not None else None
+    head = head_src.build(dtype=dtype, aux_layer_ids=aux_layer_ids, rope_theta=rope_theta,
+                          feedback=feedback, num_target_layers=L,
+                          rope_from=target_config[0] if rope_from_target and target_config else None)
     if target_config is not None:
         cfg, where = target_config
         try:

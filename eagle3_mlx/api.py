@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -14,29 +13,22 @@ def resolve_path(path_or_repo: str) -> Path:
     """A local directory as is (never touches the network); otherwise a Hugging
     Face repo id, taken from the local cache first and downloaded only when the
     hub is reachable and HF_HUB_OFFLINE is not set."""
-    p = Path(path_or_repo).expanduser()
-    if p.exists():
-        return p
-    from huggingface_hub import snapshot_download
+    from .hub_cache import fetch
 
-    try:
-        return Path(snapshot_download(str(path_or_repo), local_files_only=True))
-    except Exception:
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-            raise FileNotFoundError(
-                f"{path_or_repo}: not a local directory and not in the Hugging Face cache "
-                "(HF_HUB_OFFLINE is set)"
-            ) from None
-    try:
-        return Path(snapshot_download(str(path_or_repo)))
-    except Exception as e:
-        raise FileNotFoundError(f"{path_or_repo}: not a local directory and not downloadable ({e})") from None
+    return fetch(str(path_or_repo))
 
 
 def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | None = None,
-         **spec_options) -> Engine:
-    """Load an MLX target and (optionally) an MLX EAGLE-3 head and return an
+         draft_feedback: str | None = None, log=None, **spec_options) -> Engine:
+    """Load a target and (optionally) an EAGLE-3 head and return an
     :class:`Engine`. Without a head the engine drafts from context n-grams.
+
+    Both may be directories or Hugging Face repo ids in any layout the
+    converter reads: MLX ones load as they are, others are converted once into
+    the per-user cache and reused (:mod:`eagle3_mlx.hub_cache`).
+    ``draft_feedback`` ("prenorm" or "normed") overrides the state the head
+    feeds back between draft steps (EAGLE-3.1 ``norm_output``). ``log``: where
+    conversion progress goes (default: stderr).
 
     ``spec_options``: ``top_k``, ``depth``, ``total_tokens``, ``kv_bits``,
     ``kv_group_size``, ``max_context``, ``aux_layer_ids``, ``draft_source``
@@ -45,10 +37,19 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
     """
     from mlx_lm import load as mlx_load
 
-    model, tokenizer = mlx_load(str(resolve_path(model_path)))
+    from .hub_cache import resolve_head, resolve_model
+
+    kw = {} if log is None else {"log": log}
+    model_dir = resolve_model(model_path, **kw)
+    model, tokenizer = mlx_load(str(model_dir))
     if model_dtype:
         cast_floating(model, model_dtype)
-    head = load_head(resolve_path(draft_path)) if draft_path else None
+    head = None
+    if draft_path:
+        # The target's config settles aux ids that read either way and is
+        # checked against the head before the conversion is cached.
+        head_dir = resolve_head(draft_path, target_config=model_dir / "config.json", **kw)
+        head = load_head(head_dir, feedback=draft_feedback)
     return Engine(model, tokenizer, head, **spec_options)
 
 

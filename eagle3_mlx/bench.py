@@ -391,7 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure EAGLE-3 speculative decoding against plain mlx-lm decoding of the same "
                     "prompts in the same process: tau, tok/s, speedup and token identity.")
     p.add_argument("--model", default=None, help="MLX target (default: the default model)")
-    p.add_argument("--draft", default=None, help="MLX EAGLE-3 head (default: the default head)")
+    p.add_argument("--draft", default=None, help="EAGLE-3 head: directory or repo id in any published layout "
+                                                 "(default: the default head)")
+    from .cli import add_draft_feedback_arg
+
+    add_draft_feedback_arg(p)
     p.add_argument("--dtype", default=None, help="cast the target, e.g. float32 (default: platform default)")
     p.add_argument("--prompts", default="mtbench", help="'mtbench' (built in) or a JSONL file")
     p.add_argument("--turns", type=int, choices=(1, 2), default=1, help="MT-bench turns per question")
@@ -533,7 +537,8 @@ def load_engine(model, draft, dtype, args):
     from . import api
 
     try:
-        return api.load(model, draft, model_dtype=dtype, draft_source=args.draft_source[0])
+        return api.load(model, draft, model_dtype=dtype, draft_source=args.draft_source[0],
+                        draft_feedback=args.draft_feedback)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise _Refused(str(e), 1) from None
 

@@ -61,6 +61,13 @@ def main(argv=None):
     return 0 if rc is None else rc
 
 
+def add_draft_feedback_arg(p: argparse.ArgumentParser):
+    """--draft-feedback, as generate, chat, bench and serve take it."""
+    p.add_argument("--draft-feedback", choices=("prenorm", "normed"), default=None,
+                   help="state the head feeds back between draft steps (default: what its config says; "
+                        "SpecForge EAGLE-3.1 heads trained before 2026-09 need prenorm)")
+
+
 def add_draft_source_arg(p: argparse.ArgumentParser):
     """--draft-source, as generate, chat and serve take it (bench takes a list)."""
     from .hybrid import SOURCES
@@ -76,9 +83,10 @@ def generate_main(argv):
     p = argparse.ArgumentParser(prog="eagle3-mlx generate", description="Generate text with EAGLE-3 speculative decoding.")
     p.add_argument("--model", required=True, help="MLX target model directory or HF repo")
     p.add_argument("--draft", default=None,
-                   help="MLX EAGLE-3 head directory (eagle3-mlx convert); without one, context "
-                        "n-grams draft (--draft-source ngram)")
+                   help="EAGLE-3 head: a directory or Hugging Face repo in any published layout "
+                        "(converted once, cached); without one, context n-grams draft (--draft-source ngram)")
     add_draft_source_arg(p)
+    add_draft_feedback_arg(p)
     p.add_argument("--prompt", "-p", required=True, help="prompt text ('-' reads stdin)")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0)
@@ -100,7 +108,7 @@ def generate_main(argv):
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
         engine = api.load(args.model, args.draft, model_dtype=args.dtype, kv_bits=args.kv_bits,
-                          draft_source=args.draft_source)
+                          draft_source=args.draft_source, draft_feedback=args.draft_feedback)
         tuner = None
         if not args.no_spec and engine.head is not None:
             spec = apply_tree(engine, args.tree, log=lambda m: print(m, file=sys.stderr))

@@ -77,7 +77,8 @@ def check_compatible(head: Eagle3Head, target: TargetModel):
     problems = head_target_problems(
         dict(hidden_size=cfg.hidden_size, target_hidden_size=cfg.target_hidden_size,
              vocab_size=cfg.vocab_size, draft_vocab_size=cfg.draft_vocab_size,
-             has_embedding="embed_tokens" in head, aux_layer_ids=target.aux_layer_ids),
+             has_embedding="embed_tokens" in head, aux_layer_ids=target.aux_layer_ids,
+             num_aux_hidden_states=cfg.num_aux_hidden_states),
         dims,
     )
     if problems:

@@ -2,14 +2,24 @@
 
 Forward pass (per position, see docs/head-format.md):
 
-    h    = fc(features)            if fed 3*Ht target features, else own hidden
+    g    = features                N aux states of width Ht (N = 3), concatenated
+    g    = input_norm(g)           norm_before_fc (NVIDIA): one RMSNorm over all N*Ht
+    g_i  = fc_norm[i](g_i)         fc_norm (EAGLE-3.1): one RMSNorm per aux state
+    h    = fc(g)                   if fed target features, else own fed-back state
     res  = h                       (norm_before_residual: hidden_norm(h))
     a    = concat(input_layernorm(embedding), hidden_norm(h))      # width 2H
-    h1   = res + attn(a)           q/k/v read the 2H input
+    h1   = res + attn(a)           q/k/v read the 2H input; Qwen3-style layers RMS-norm
+                                   q and k per head (q_norm/k_norm) before RoPE; keys
+                                   more than sliding_window - 1 positions back are masked
     h2   = h1 + mlp(post_attention_layernorm(h1))
-    out  = h2                      pre-norm: fed back as `hidden` at the next draft step
-    logits = lm_head(norm(h2))     over the draft vocabulary
+    out  = h2 (feedback "prenorm") or norm(h2) (feedback "normed", EAGLE-3.1 norm_output):
+                                   fed back as `hidden` at the next draft step
+    logits = lm_head(norm(h2))     over the draft vocabulary, whatever the feedback
     target_id = draft_id + d2t[draft_id]
+
+``feedback`` is what the head was trained with. It defaults to "normed" when
+``norm_output`` is set, but SpecForge heads trained before its 2026-09 fix set
+``norm_output`` and fed back the pre-norm state, so the two are stored apart.
 
 The MLX head directory holds ``config.json`` (the fields of :class:`HeadConfig`)
 and ``model.safetensors`` with the names below (``layers.{i}.`` prefixes; d2t
@@ -30,7 +40,10 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
-FORMAT_VERSION = 1
+#: Heads using none of the 2026 features are written as format 1 (readable by
+#: older eagle3-mlx); fc_norm, feedback, q/k norms, biases, windows make it 2.
+FORMAT_VERSION = 2
+FEEDBACK = ("prenorm", "normed")
 #: Aux layer ids are stored as HF ``output_hidden_states`` indices: id k is the
 #: residual stream *entering* decoder layer k (0 = embedding output), no final norm.
 AUX_CONVENTION = "hf_hidden_states_index"
@@ -61,6 +74,14 @@ class HeadConfig:
     fc_bias: bool = False
     has_embedding: bool = False
     aux_layer_ids: Optional[list] = None
+    num_aux_hidden_states: int = 3
+    fc_norm: bool = False
+    norm_output: bool = False
+    feedback: Optional[str] = None
+    qk_norm: bool = False
+    attention_bias: bool = False
+    sliding_window: Optional[int] = None
+    layer_types: Optional[list] = None
     aux_layer_convention: str = AUX_CONVENTION
     source_format: str = "eagle3-mlx"
     quantization: Optional[dict] = None
@@ -69,6 +90,28 @@ class HeadConfig:
     def __post_init__(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.feedback is None:
+            self.feedback = "normed" if self.norm_output else "prenorm"
+        if self.feedback not in FEEDBACK:
+            raise HeadError(f"feedback {self.feedback!r} is not one of {', '.join(FEEDBACK)}")
+        if self.fc_norm and self.norm_before_fc:
+            raise HeadError("fc_norm (one RMSNorm per aux state) and norm_before_fc (one over "
+                            "their concatenation) are exclusive")
+        if self.layer_types is not None and len(self.layer_types) < self.num_hidden_layers:
+            raise HeadError(f"layer_types has {len(self.layer_types)} entries for "
+                            f"{self.num_hidden_layers} layers")
+
+    def window(self, layer: int) -> Optional[int]:
+        """The sliding window of draft layer ``layer`` (None: full attention)."""
+        if not self.sliding_window:
+            return None
+        if self.layer_types is None:
+            return int(self.sliding_window)
+        return int(self.sliding_window) if self.layer_types[layer] == "sliding_attention" else None
+
+    def uses_2026_features(self) -> bool:
+        return bool(self.fc_norm or self.feedback != "prenorm" or self.norm_output or self.qk_norm
+                    or self.attention_bias or self.sliding_window or self.num_aux_hidden_states != 3)
         if self.aux_layer_convention != AUX_CONVENTION:
             raise HeadError(
                 f"aux_layer_convention {self.aux_layer_convention!r} is not "
@@ -96,17 +139,21 @@ class HeadConfig:
             kw["rope_theta"] = 10000.0
         if "bias" in d and "fc_bias" not in d:
             kw["fc_bias"] = bool(d["bias"])
-        eagle_cfg = d.get("eagle_config") or {}
-        if kw.get("aux_layer_ids") is None and eagle_cfg.get("eagle_aux_hidden_state_layer_ids"):
-            kw["aux_layer_ids"] = list(eagle_cfg["eagle_aux_hidden_state_layer_ids"])
-        if kw.get("aux_layer_ids") is None and d.get("eagle_aux_hidden_state_layer_ids"):
-            kw["aux_layer_ids"] = list(d["eagle_aux_hidden_state_layer_ids"])
+        if kw.get("aux_layer_ids") is None:
+            from .compat import aux_ids_from_config  # the one table of id conventions
+
+            kw["aux_layer_ids"] = aux_ids_from_config(d)[0]
+        if "eagle3_mlx_format" not in d:
+            # A published config: whether its window applies (use_sliding_window,
+            # layer_types) and what it feeds back are the converter's to decide.
+            for k in ("sliding_window", "layer_types", "feedback"):
+                kw.pop(k, None)
         return cls(**kw)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("extra")
-        d["eagle3_mlx_format"] = FORMAT_VERSION
+        d["eagle3_mlx_format"] = FORMAT_VERSION if self.uses_2026_features() else 1
         d["model_type"] = "eagle3"
         if d["quantization"] is None:
             d.pop("quantization")
@@ -114,15 +161,20 @@ class HeadConfig:
 
 
 class DraftAttention(nn.Module):
-    def __init__(self, cfg: HeadConfig, input_dim: int):
+    def __init__(self, cfg: HeadConfig, input_dim: int, window: Optional[int] = None):
         super().__init__()
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = nh, nkv, hd
         self.scale = hd**-0.5
-        self.q_proj = nn.Linear(input_dim, nh * hd, bias=False)
-        self.k_proj = nn.Linear(input_dim, nkv * hd, bias=False)
-        self.v_proj = nn.Linear(input_dim, nkv * hd, bias=False)
-        self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=False)
+        self.window = window
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(input_dim, nh * hd, bias=bias)
+        self.k_proj = nn.Linear(input_dim, nkv * hd, bias=bias)
+        self.v_proj = nn.Linear(input_dim, nkv * hd, bias=bias)
+        self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=bias)
+        if cfg.qk_norm:  # Qwen3 decoder layer: per-head RMSNorm of q and k before RoPE
+            self.q_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
         # The draft has its own RoPE (base 10000 unless the head config says
         # otherwise); it never inherits the target's.
         self.rope = initialize_rope(
@@ -133,19 +185,55 @@ class DraftAttention(nn.Module):
             cfg.max_position_embeddings,
         )
 
+    def heads(self, x, kind: str):
+        """q, k or v of x [B, T, in] as [B, heads, T, hd], q/k normed (no RoPE)."""
+        B, T, _ = x.shape
+        proj = {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj}[kind]
+        y = proj(x).reshape(B, T, self.n_heads if kind == "q" else self.n_kv_heads, -1)
+        if kind != "v" and "q_norm" in self:
+            y = (self.q_norm if kind == "q" else self.k_norm)(y)
+        return y.transpose(0, 2, 1, 3)
+
     def __call__(self, x, mask=None, cache=None, positions=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k, v = self.heads(x, "q"), self.heads(x, "k"), self.heads(x, "v")
         if positions is None:
             positions = cache.offset if cache is not None else 0
         q = apply_rope(self.rope, q, positions)
         k = apply_rope(self.rope, k, positions)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
+        if self.window is not None:
+            mask = window_mask(mask, positions, T, k.shape[2], self.window)
         o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+def window_mask(mask, positions, T: int, Tk: int, window: int):
+    """``mask`` (None, "causal", bool or additive array) restricted to keys less
+    than ``window`` positions behind each query (HF/mlx-lm: q - k < window).
+
+    Keys are indexed by their cache row, which is their position for every
+    committed row (the draft cache is trimmed back to the committed rows after
+    each tree). Tree rows sit at a row >= their position, so they are never
+    masked by mistake; they are within ``depth`` of their queries anyway. The
+    cache itself keeps every row: a rotating cache could not be trimmed back
+    after a tree once it wrapped."""
+    if isinstance(positions, int) or (isinstance(positions, mx.array) and positions.ndim == 0):
+        if isinstance(positions, int) and positions + T <= window:
+            return mask  # no key can be `window` behind any query
+        qpos = mx.arange(T) + positions
+    else:
+        qpos = positions.reshape(-1, positions.shape[-1])[0] if positions.ndim > 1 else positions
+    krow = mx.arange(Tk)
+    keep = (qpos[:, None] - krow[None, :]) < window
+    if mask is None:
+        return keep
+    if isinstance(mask, str):  # "causal": query i is cache row Tk - T + i
+        return keep & (krow[None, :] <= (mx.arange(T) + Tk - T)[:, None])
+    if mask.dtype == mx.bool_:
+        return mask & keep
+    return mx.where(keep, mask, mx.array(mx.finfo(mask.dtype).min, dtype=mask.dtype))
 
 
 def apply_rope(rope, x, positions):
@@ -181,7 +269,7 @@ class Eagle3Layer(nn.Module):
         self.norm_before_residual = cfg.norm_before_residual
         self.input_layernorm = nn.RMSNorm(H, eps=eps)
         self.hidden_norm = nn.RMSNorm(H, eps=eps)
-        self.self_attn = DraftAttention(cfg, 2 * H)
+        self.self_attn = DraftAttention(cfg, 2 * H, cfg.window(0))
         self.post_attention_layernorm = nn.RMSNorm(H, eps=eps)
         self.mlp = DraftMLP(cfg)
 
@@ -196,11 +284,11 @@ class Eagle3Layer(nn.Module):
 class PlainLayer(nn.Module):
     """Extra Llama layers of multi-layer drafts (H-wide q/k/v)."""
 
-    def __init__(self, cfg: HeadConfig):
+    def __init__(self, cfg: HeadConfig, index: int):
         super().__init__()
         H, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.input_layernorm = nn.RMSNorm(H, eps=eps)
-        self.self_attn = DraftAttention(cfg, H)
+        self.self_attn = DraftAttention(cfg, H, cfg.window(index))
         self.post_attention_layernorm = nn.RMSNorm(H, eps=eps)
         self.mlp = DraftMLP(cfg)
 
@@ -217,8 +305,9 @@ class Eagle3Head(nn.Module):
 
     * ``embeddings``: [B, T, H] token embeddings (the target's embedding table
       unless the head ships its own ``embed_tokens``; see :meth:`embed`).
-    * ``hidden``: either the raw [B, T, 3*Ht] target features (``fc`` is then
-      applied) or the head's own previous ``hidden_out`` [B, T, H]. Pass
+    * ``hidden``: either the raw [B, T, N*Ht] target features (``fc`` is then
+      applied) or the head's own previous ``hidden_out`` [B, T, H] (the state
+      to feed back, already normed when ``config.feedback`` is "normed"). Pass
       ``from_target=True/False`` to say which explicitly.
     * ``cache``: list of per-layer KV caches (:meth:`make_cache`) or None.
     * ``mask``: None, ``"causal"`` or a boolean/additive array broadcastable to
@@ -231,12 +320,14 @@ class Eagle3Head(nn.Module):
     def __init__(self, cfg: HeadConfig):
         super().__init__()
         self.config = cfg
-        H, Ht = cfg.hidden_size, cfg.target_hidden_size
+        H, Ht, N = cfg.hidden_size, cfg.target_hidden_size, cfg.num_aux_hidden_states
         if cfg.norm_before_fc:
-            self.input_norm = nn.RMSNorm(3 * Ht, eps=cfg.rms_norm_eps)
-        self.fc = nn.Linear(3 * Ht, H, bias=cfg.fc_bias)
+            self.input_norm = nn.RMSNorm(N * Ht, eps=cfg.rms_norm_eps)
+        if cfg.fc_norm:
+            self.fc_norm = [nn.RMSNorm(Ht, eps=cfg.rms_norm_eps) for _ in range(N)]
+        self.fc = nn.Linear(N * Ht, H, bias=cfg.fc_bias)
         self.layers = [Eagle3Layer(cfg)] + [
-            PlainLayer(cfg) for _ in range(cfg.num_hidden_layers - 1)
+            PlainLayer(cfg, i) for i in range(1, cfg.num_hidden_layers)
         ]
         self.norm = nn.RMSNorm(H, eps=cfg.rms_norm_eps)
         self.lm_head = nn.Linear(H, cfg.draft_vocab_size, bias=False)
@@ -253,7 +344,24 @@ class Eagle3Head(nn.Module):
 
     @property
     def fc_input_dim(self) -> int:
-        return 3 * self.config.target_hidden_size
+        return self.config.num_aux_hidden_states * self.config.target_hidden_size
+
+    def project_features(self, features):
+        """Target features [.., N*Ht] -> the first hidden state [.., H]."""
+        g = features
+        if self.config.norm_before_fc:
+            g = self.input_norm(g)
+        if self.config.fc_norm:
+            parts = mx.split(g, self.config.num_aux_hidden_states, axis=-1)
+            g = mx.concatenate([n(p) for n, p in zip(self.fc_norm, parts)], axis=-1)
+        return self.fc(g)
+
+    def outputs(self, h, logits_rows=None):
+        """(state fed back, draft logits) from the last layer's output ``h``."""
+        if self.config.feedback == "normed":
+            hn = self.norm(h)
+            return hn, self.lm_head(hn if logits_rows is None else hn[:, logits_rows])
+        return h, self.lm_head(self.norm(h if logits_rows is None else h[:, logits_rows]))
 
     def make_cache(self) -> list:
         return [KVCache() for _ in self.layers]
@@ -281,9 +389,7 @@ class Eagle3Head(nn.Module):
                     f"({self.fc_input_dim}) nor hidden_size ({self.config.hidden_size})"
                 )
         if from_target:
-            if self.config.norm_before_fc:
-                hidden = self.input_norm(hidden)
-            hidden = self.fc(hidden)
+            hidden = self.project_features(hidden)
         if cache is None:
             cache = [None] * len(self.layers)
         elif not isinstance(cache, (list, tuple)):
@@ -292,7 +398,7 @@ class Eagle3Head(nn.Module):
         for layer, c in zip(self.layers[1:], cache[1:]):
             h = layer(h, mask, c, positions)
         # logits_rows: compute the (draft-vocabulary wide) logits only where used.
-        return h, self.lm_head(self.norm(h if logits_rows is None else h[:, logits_rows]))
+        return self.outputs(h, logits_rows)
 
     def to_target_ids(self, draft_ids):
         """Map draft-vocabulary ids to target-vocabulary ids (d + d2t[d])."""
@@ -382,9 +488,10 @@ def is_mlx_head_dir(path) -> bool:
         return False
 
 
-def load_head(path, *, rope_theta: float | None = None) -> Eagle3Head:
+def load_head(path, *, rope_theta: float | None = None, feedback: str | None = None) -> Eagle3Head:
     """Load an MLX head directory written by :func:`save_head` or
-    ``eagle3-mlx convert``. ``rope_theta`` overrides the stored RoPE base."""
+    ``eagle3-mlx convert``. ``rope_theta`` overrides the stored RoPE base;
+    ``feedback`` ("prenorm" or "normed") the state fed back between draft steps."""
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
@@ -403,6 +510,10 @@ def load_head(path, *, rope_theta: float | None = None) -> Eagle3Head:
     cfg = HeadConfig.from_dict(raw)
     if rope_theta is not None:
         cfg.rope_theta = float(rope_theta)
+    if feedback is not None:
+        if feedback not in FEEDBACK:
+            raise HeadError(f"feedback {feedback!r} is not one of {', '.join(FEEDBACK)}")
+        cfg.feedback = feedback
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise HeadError(f"{path}: no .safetensors weights")

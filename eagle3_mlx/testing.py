@@ -277,11 +277,12 @@ class OracleHead(Eagle3Head):
         return out, mx.where(force[..., None], onehot + 0.01 * logits, logits)
 
 
-def make_oracle_head(model, every=8, seed=3):
-    """A random head for ``model`` turned into an :class:`OracleHead` (built on
-    a target with weak decoder layers, its drafts are mostly accepted)."""
+def make_oracle_head(model, every=8, seed=3, **head_options):
+    """A random head for ``model`` (``head_options`` as for
+    :func:`make_random_head`) turned into an :class:`OracleHead` (built on a
+    target with weak decoder layers, its drafts are mostly accepted)."""
     t = TargetModel(model)
-    base = make_random_head(model, seed=seed)
+    base = make_random_head(model, seed=seed, **head_options)
     head = OracleHead(base.config)
     head.update(base.parameters())
     V = t.vocab_size

@@ -36,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: the product's default model)")
     p.add_argument("--draft", help="EAGLE-3 draft head: MLX head directory or Hugging Face repo "
                                    "(without one, --model speculates from context n-grams)")
-    from eagle3_mlx.cli import add_draft_source_arg
+    from eagle3_mlx.cli import add_draft_feedback_arg, add_draft_source_arg
 
     add_draft_source_arg(p)
+    add_draft_feedback_arg(p)
     p.add_argument("--system", default="", help="system prompt")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy; default 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")
@@ -123,7 +124,7 @@ def resolve_paths(model: str | None, draft: str | None, progress: Callable[..., 
 
 def make_loader(model: str | None, draft: str | None, tree: dict | None = None,
                 tree_arg: str = "auto", tuner_options: dict | None = None,
-                draft_source: str | None = None):
+                draft_source: str | None = None, draft_feedback: str | None = None):
     """A loader for EngineThread: runs on the engine thread, returns the engine.
     Explicit tree options win; otherwise ``tree_arg`` ('auto' calibrates once per
     machine and model, then reads the cache).
@@ -142,7 +143,8 @@ def make_loader(model: str | None, draft: str | None, tree: dict | None = None,
                  else f"Loading {_name(m)} (no draft head: context n-grams draft)…")
         from eagle3_mlx.api import load
 
-        engine = load(m, d, draft_source=draft_source, **tree)
+        engine = load(m, d, draft_source=draft_source, draft_feedback=draft_feedback,
+                      log=lambda t: progress(str(t).removeprefix("eagle3-mlx: ")), **tree)
         if not tree and engine.head is not None:
             from eagle3_mlx.tuning.choose import apply_tree
 
@@ -194,7 +196,8 @@ def smoke(args) -> int:
     from eagle3_mlx.tuning.choose import RUN_TUNE_STEPS, finish_run_tuning
 
     loader = make_loader(args.model, args.draft, tree_kwargs(args), args.tree,
-                         tuner_options={"every": RUN_TUNE_STEPS}, draft_source=args.draft_source)
+                         tuner_options={"every": RUN_TUNE_STEPS}, draft_source=args.draft_source,
+                         draft_feedback=args.draft_feedback)
     try:
         engine = loader(progress)
     except Exception as exc:  # noqa: BLE001 - a message, not a traceback
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from .app import ChatApp
 
     app = ChatApp(make_loader(args.model, args.draft, tree_kwargs(args), args.tree,
-                              draft_source=args.draft_source),
+                              draft_source=args.draft_source, draft_feedback=args.draft_feedback),
                   settings=settings_from_args(args), model_label=model_label(args.model, args.draft))
     app.plain = args.plain
     app.run()

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", help="EAGLE-3 head: MLX head directory or Hugging Face repo "
                                    "(with --model but no --draft, context n-grams draft)")
     add_draft_source_arg(p)
+    from ..cli import add_draft_feedback_arg
+
+    add_draft_feedback_arg(p)
     p.add_argument("--model-name", default=None,
                    help="model id reported by /v1/models and in answers "
                         "(default: the model's directory or repo name)")
@@ -99,7 +102,7 @@ def make_loader(args, facts: dict):
             name = getattr(default_model, "DEFAULT_MODEL_NAME", None)
         _log(f"loading {_name(model)}" + (f" with draft head {_name(draft)}" if draft else "")
              + "…")
-        engine = load(model, draft, draft_source=args.draft_source)
+        engine = load(model, draft, draft_source=args.draft_source, draft_feedback=args.draft_feedback)
         tuner = None
         if engine.head is not None:
             apply_tree(engine, args.tree, log=_log)

@@ -26,7 +26,7 @@ FROZEN = (
     "epochs", "max_steps", "warmup", "batch_tokens", "max_batch_seqs", "seed", "init_from_target",
     "export_bits", "export_dtype", "sharegpt", "max_feature_gb", "eval_prompts", "eval_max_tokens",
     "eval_every", "ckpt_every", "dtype", "sharegpt_answers",
-    "answer_max_prompt_tokens", "vocab_prior",
+    "answer_max_prompt_tokens", "vocab_prior", "fc_norm", "norm_output", "qwen3_layer", "draft_window",
 )
 
 
@@ -68,6 +68,14 @@ def build_parser():
                    help="start lm_head from the target's rows, the final norm from the target's and fc "
                         "as the high-block projection (default: MLX's random init, which trained "
                         "faster in a short ablation on the default model)")
+    g.add_argument("--fc-norm", action="store_true",
+                   help="EAGLE-3.1: RMS-norm each aux hidden state on its own before fc")
+    g.add_argument("--norm-output", action="store_true",
+                   help="EAGLE-3.1: feed the final-normed state back between draft steps")
+    g.add_argument("--qwen3-layer", action="store_true",
+                   help="Qwen3-style draft layer: q/k RMSNorm per head before RoPE")
+    g.add_argument("--draft-window", type=int, default=None, metavar="N",
+                   help="sliding-window attention in the draft layer (speculators trains with 2048)")
     g = p.add_argument_group("training")
     g.add_argument("--ttt-steps", type=int, default=7)
     g.add_argument("--decay", type=float, default=0.8)
@@ -272,7 +280,9 @@ def make_trainer(run: Run):
     store = FeatureStore(run.work / "data", run.work / "features")
     train, held = store.split(load_prompts(run.work / "data"), cfg["num_prompts"])
     hcfg = head_config_for(target, draft_vocab_size=vocab.size,
-                           intermediate_size=cfg.get("intermediate_size"))
+                           intermediate_size=cfg.get("intermediate_size"),
+                           fc_norm=cfg.get("fc_norm", False), norm_output=cfg.get("norm_output", False),
+                           qwen3_layer=cfg.get("qwen3_layer", False), draft_window=cfg.get("draft_window"))
     head = init_head(hcfg, vocab.d2t, seed=cfg["seed"], target=target, used=vocab.used,
                      from_target=cfg.get("init_from_target", False))
     tcfg = TrainConfig(steps_ttt=cfg["ttt_steps"], decay=cfg["decay"], lr=cfg["lr"],
@@ -298,7 +308,7 @@ def stage_fit(run: Run):
 
 
 def stage_export(run: Run, trainer=None):
-    from .export import dir_size_bytes, export_mlx, export_official
+    from .export import dir_size_bytes, export_mlx, export_official, export_speculators
 
     if trainer is None:
         trainer = make_trainer(run)
@@ -309,9 +319,10 @@ def stage_export(run: Run, trainer=None):
     head = trainer.head
     export_mlx(head, run.work / "head_mlx")
     export_official(head, run.work / "head_official")
+    export_speculators(head, run.work / "head_speculators", ttt_steps=run.cfg.get("ttt_steps"))
     ship = run.work / "head_ship"
     export_mlx(head, ship, bits=run.cfg.get("export_bits"), dtype=run.cfg.get("export_dtype"))
-    sizes = {d: dir_size_bytes(run.work / d) for d in ("head_mlx", "head_official", "head_ship")}
+    sizes = {d: dir_size_bytes(run.work / d) for d in ("head_mlx", "head_official", "head_speculators", "head_ship")}
     run.record("export", sizes_bytes=sizes, step=trainer.step)
     print("export: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
     if run.args.out:

@@ -61,7 +61,12 @@ class TrainConfig:
 def head_config_for(target, *, draft_vocab_size: int, intermediate_size: Optional[int] = None,
                     num_attention_heads: Optional[int] = None,
                     num_key_value_heads: Optional[int] = None, head_dim: Optional[int] = None,
-                    max_position_embeddings: int = 2048) -> HeadConfig:
+                    max_position_embeddings: int = 2048, fc_norm: bool = False,
+                    norm_output: bool = False, qwen3_layer: bool = False,
+                    draft_window: Optional[int] = None) -> HeadConfig:
+    """The head for ``target``; the 2026 options: ``fc_norm`` / ``norm_output``
+    (EAGLE-3.1), ``qwen3_layer`` (q/k RMSNorm per head) and ``draft_window``
+    (sliding-window attention in the draft layer)."""
     args = target.model.args
     nh = num_attention_heads or args.num_attention_heads
     nkv = num_key_value_heads or getattr(args, "num_key_value_heads", nh)
@@ -79,6 +84,10 @@ def head_config_for(target, *, draft_vocab_size: int, intermediate_size: Optiona
         rope_theta=10000.0,
         max_position_embeddings=max_position_embeddings,
         aux_layer_ids=list(target.aux_layer_ids),
+        fc_norm=fc_norm,
+        norm_output=norm_output,
+        qk_norm=qwen3_layer,
+        sliding_window=draft_window or None,
     )
 
 

@@ -37,13 +37,6 @@ def _layer(head):
     return head.layers[0]
 
 
-def _project(attn, a, s):
-    B, T, _ = a.shape
-    q = attn.q_proj(a).reshape(B, T, attn.n_heads, -1).transpose(0, 2, 1, 3)
-    k = attn.k_proj(a).reshape(B, T, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    v = attn.v_proj(a).reshape(B, T, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    # RoPE position t + s for both queries and keys of step s.
-    return attn.rope(q, offset=s), attn.rope(k, offset=s), v
 
 
 def _softmax_parts_mlx(x):
@@ -107,9 +100,15 @@ def ttt_attention(attn, q, k0, v0, extra_k: List, extra_v: List, causal_bias):
     return o.reshape(B, nh, T, hd).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)
 
 
-def causal_bias(T: int, dtype=mx.float32):
+def causal_bias(T: int, dtype=mx.float32, window=None, step: int = 0):
+    """Additive causal mask [T, T]; with ``window``, also the step-0 keys j
+    that are ``window`` or more behind the query's RoPE position t + step (as
+    the engine masks a draft at tree level step)."""
     i = mx.arange(T)
-    return mx.where(i[None, :] <= i[:, None], 0.0, -1e9).astype(dtype)
+    keep = i[None, :] <= i[:, None]
+    if window is not None:
+        keep = keep & (i[:, None] + step - i[None, :] < window)
+    return mx.where(keep, 0.0, -1e9).astype(dtype)
 
 
 def _rope_rows(rope, x, pos):
@@ -118,11 +117,6 @@ def _rope_rows(rope, x, pos):
     y = x.transpose(0, 2, 1, 3).reshape(B * R, H, 1, D)
     y = rope(y, offset=pos.reshape(-1).astype(mx.int32))
     return y.reshape(B, R, H, D).transpose(0, 2, 1, 3)
-
-
-def _heads(x, n):
-    B, R, _ = x.shape
-    return x.reshape(B, R, n, -1).transpose(0, 2, 1, 3)
 
 
 def ttt_forward(head, feats, emb, steps: int, rows=None, emb_rows=None):
@@ -138,10 +132,8 @@ def ttt_forward(head, feats, emb, steps: int, rows=None, emb_rows=None):
     layer = _layer(head)
     attn = layer.self_attn
     B, T, _ = feats.shape
-    h = feats
-    if head.config.norm_before_fc:
-        h = head.input_norm(h)
-    h = head.fc(h)
+    h = head.project_features(feats)
+    window = attn.window
     if rows is None:
         rows = mx.broadcast_to(mx.arange(T)[None], (B, T))
         emb_rows = emb
@@ -152,17 +144,22 @@ def ttt_forward(head, feats, emb, steps: int, rows=None, emb_rows=None):
     # Step 0 over all T positions: keys/values of the real prefix.
     hn = layer.hidden_norm(h)
     a_full = mx.concatenate([layer.input_layernorm(emb[:, :T]), hn], axis=-1)
-    k0 = attn.rope(_heads(attn.k_proj(a_full), attn.n_kv_heads), offset=0)
-    v0 = _heads(attn.v_proj(a_full), attn.n_kv_heads)
+    k0 = attn.rope(attn.heads(a_full, "k"), offset=0)
+    v0 = attn.heads(a_full, "v")
     if full_rows:
         a, h_rows = a_full, h
-        bias = causal_bias(T, h.dtype)
+        bias_at = lambda s: causal_bias(T, h.dtype, window, s)  # noqa: E731
     else:
         gather = lambda x: mx.take_along_axis(x, rows[..., None], axis=1)
         a, h_rows = gather(a_full), gather(h)
         hn = gather(hn)
         keep = mx.arange(T)[None, None, :] <= rows[:, :, None]            # [B, R, T]
-        bias = mx.where(keep, 0.0, -1e9).astype(h.dtype)[:, None, None]     # [B,1,1,R,T]
+
+        def bias_at(s):  # [B,1,1,R,T]
+            k = keep
+            if window is not None:
+                k = k & (rows[:, :, None] + s - mx.arange(T)[None, None, :] < window)
+            return mx.where(k, 0.0, -1e9).astype(h.dtype)[:, None, None]
     h = h_rows
     ek, ev = [], []
     for s in range(steps):
@@ -172,14 +169,17 @@ def ttt_forward(head, feats, emb, steps: int, rows=None, emb_rows=None):
             a = mx.concatenate([layer.input_layernorm(e), hn], axis=-1)
         res = hn if layer.norm_before_residual else h
         pos = rows + s
-        q = _rope_rows(attn.rope, _heads(attn.q_proj(a), attn.n_heads), pos)
+        q = _rope_rows(attn.rope, attn.heads(a, "q"), pos)
         if s > 0:
-            ek.append(_rope_rows(attn.rope, _heads(attn.k_proj(a), attn.n_kv_heads), pos))
-            ev.append(_heads(attn.v_proj(a), attn.n_kv_heads))
+            ek.append(_rope_rows(attn.rope, attn.heads(a, "k"), pos))
+            ev.append(attn.heads(a, "v"))
+        if s == 0 or window is not None:
+            bias = bias_at(s)
         o = ttt_attention(attn, q, k0, v0, ek, ev, bias)
         h1 = res + attn.o_proj(o)
-        h = h1 + layer.mlp(layer.post_attention_layernorm(h1))
-        yield h, head.lm_head(head.norm(h))
+        # The state fed to step s+1 is the final-normed one for norm_output heads.
+        h, logits = head.outputs(h1 + layer.mlp(layer.post_attention_layernorm(h1)))
+        yield h, logits
 
 
 def ttt_forward_reference(head, feats, emb, steps: int):
