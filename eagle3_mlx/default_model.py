@@ -44,6 +44,8 @@ __all__ = [
     "ensure_default_model",
     "default_model_dir",
     "default_head_path",
+    "default_paths",
+    "default_target",
     "NO_HEAD_MESSAGE",
 ]
 
@@ -274,9 +276,16 @@ def default_paths(model: Optional[str], draft: Optional[str]) -> tuple:
         if head is None:
             raise ValueError(f"{NO_HEAD_MESSAGE}; pass --draft HEAD_DIR")
         draft = str(head)
-    if not model:
-        try:
-            model = str(ensure_default_model())
-        except DefaultModelError as e:
-            raise ValueError(str(e)) from None
-    return model, draft
+    return default_target(model), draft
+
+
+def default_target(model: Optional[str]) -> str:
+    """The target for commands that need one (train, and :func:`default_paths`):
+    ``model`` if passed, else the default model (built on first use). Raises
+    ValueError saying what is missing when the default cannot be used."""
+    if model:
+        return model
+    try:
+        return str(ensure_default_model())
+    except DefaultModelError as e:
+        raise ValueError(str(e)) from None

@@ -126,16 +126,6 @@ def _sharegpt_file(cfg: dict):
     return Path(cfg["sharegpt"]) if cfg.get("sharegpt") else None
 
 
-def _resolve_model(cfg: dict) -> str:
-    if cfg.get("model"):
-        return cfg["model"]
-    try:
-        from ..default_model import ensure_default_model
-    except ImportError:
-        raise SystemExit("no --model given and the default-model helper is not available") from None
-    return str(ensure_default_model())
-
-
 class Run:
     """Lazy shared state of one train invocation."""
 
@@ -154,9 +144,13 @@ class Run:
             from mlx_lm import load as mlx_load
 
             from ..api import cast_floating, resolve_path
+            from ..default_model import default_target
             from ..target import TargetModel
 
-            path = _resolve_model(self.cfg)
+            try:
+                path = default_target(self.cfg.get("model"))
+            except ValueError as e:
+                raise SystemExit(f"no --model given and no default model: {e}") from None
             model, tok = mlx_load(str(resolve_path(path)))
             if self.cfg.get("dtype") == "float32":
                 cast_floating(model, "float32")

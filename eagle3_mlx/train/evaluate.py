@@ -14,6 +14,7 @@ def measure_tau(model, tokenizer, head_dir, prompts, *, max_tokens: int = 128,
     also decode without speculation and compare the token ids."""
     from ..engine import Engine
     from ..head import load_head
+    from ..runs import collect
 
     head = load_head(head_dir)
     eng = Engine(model, tokenizer, head, **tree)
@@ -23,20 +24,15 @@ def measure_tau(model, tokenizer, head_dir, prompts, *, max_tokens: int = 128,
     for i, p in enumerate(prompts):
         msgs = [{"role": "user", "content": p["text"]}]
         eng.reset()
-        ids, last = [], None
-        for r in eng.stream_generate(msgs, max_tokens=max_tokens, temp=0.0):
-            if r.token >= 0:
-                ids.append(r.token)
-            last = r
-        if last is not None:
-            per.append(last.tokens_per_step)
-            toks += last.generation_tokens
-            steps += last.steps
+        run = collect(eng.stream_generate(msgs, max_tokens=max_tokens, temp=0.0))
+        if run.last is not None:
+            per.append(run.last.tokens_per_step)
+            toks += run.last.generation_tokens
+            steps += run.steps
         if i < check_lossless:
             eng.reset()
-            ref = [r.token for r in eng.stream_generate(msgs, max_tokens=max_tokens, temp=0.0,
-                                                          speculative=False) if r.token >= 0]
-            lossless.append(ref == ids)
+            ref = collect(eng.stream_generate(msgs, max_tokens=max_tokens, temp=0.0, speculative=False))
+            lossless.append(ref.tokens == run.tokens)
     out = dict(tau=toks / max(steps, 1), tau_mean_per_prompt=float(np.mean(per)) if per else 0.0,
                prompts=len(prompts), tokens=toks, steps=steps,
                seconds=round(time.perf_counter() - t0, 1))
