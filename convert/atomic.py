@@ -1,20 +1,19 @@
-"""All-or-nothing output directories.
+"""All-or-nothing output directories for the converter.
 
 Conversion writes into a hidden temporary directory beside OUT and renames it
 to OUT only when everything is written, so an error, Ctrl-C or SIGTERM never
 leaves a half-written OUT (and, with --force, the old OUT stays until the new
-one is complete).
+one is complete). The staging itself is :func:`eagle3_mlx.files.staged_dir`;
+this module adds the converter's refusals (an existing OUT without --force, a
+file in its place, a missing parent) as :class:`ConvertError`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import signal
-import threading
-import uuid
 from pathlib import Path
+
+from eagle3_mlx.files import staged_dir
 
 from .errors import ConvertError
 
@@ -33,27 +32,6 @@ def check_output(out, force: bool) -> Path:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Turn SIGTERM into KeyboardInterrupt so the cleanup below also runs on kill."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except (ValueError, OSError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-@contextlib.contextmanager
 def staged_output(out, force: bool = False):
     """Yield an empty staging directory; on success it becomes ``out``.
 
@@ -61,25 +39,5 @@ def staged_output(out, force: bool = False):
     removed and ``out`` is left exactly as it was.
     """
     out = check_output(out, force)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    stage = out.parent / f".{out.name}.partial-{tag}"
-    stage.mkdir()
-    with _sigterm_as_interrupt():
-        try:
-            yield stage
-            # Re-check: something may have created OUT while we were working.
-            check_output(out, force)
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{tag}"
-                os.rename(out, old)
-                try:
-                    os.rename(stage, out)
-                except BaseException:
-                    os.rename(old, out)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(stage, out)
-        finally:
-            if stage.exists():
-                shutil.rmtree(stage, ignore_errors=True)
+    with staged_dir(out, check=lambda: check_output(out, force)) as stage:
+        yield stage

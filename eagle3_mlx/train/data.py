@@ -22,13 +22,14 @@ it (up to and including its end-of-turn token) is assistant text and gets
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional
 
 import numpy as np
+
+from ..files import write_atomic
 
 
 # ----------------------------------------------------------------------------
@@ -186,20 +187,6 @@ def prompt_ids(tokenizer, text: str, system: Optional[str] = None) -> List[int]:
 # Shards
 
 
-def atomic_write_bytes(path: Path, write):
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj):
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
 @dataclass
 class Sequence:
     tokens: np.ndarray   # int32 [n]
@@ -224,7 +211,7 @@ def write_shard(path: Path, seqs: List[Sequence]):
         n_prompt=np.array([s.n_prompt for s in seqs], dtype=np.int32),
         prompt_idx=np.array([s.prompt_idx for s in seqs], dtype=np.int32),
     )
-    atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def read_shard(path: Path) -> List[Sequence]:
@@ -255,8 +242,7 @@ def load_prompts(data_dir: Path) -> List[dict]:
 
 def write_prompts(data_dir: Path, prompts: List[dict]):
     """``prompts.jsonl``, written atomically (one JSON object per line)."""
-    atomic_write_bytes(Path(data_dir) / "prompts.jsonl", lambda f: f.write(
-        "".join(json.dumps(p) + "\n" for p in prompts).encode()))
+    write_atomic(Path(data_dir) / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in prompts))
 
 
 def selected_indices(prompts: List[dict], max_train: Optional[int] = None) -> List[int]:
@@ -423,9 +409,9 @@ def generate_data(model, tokenizer, data_dir: Path, prompts: Optional[List[dict]
             write_shard(data_dir / f"shard_{next_shard:05d}.npz", part)
             next_shard += 1
             el = time.perf_counter() - t0
-            atomic_write_json(data_dir / "progress.json", dict(
+            write_atomic(data_dir / "progress.json", json.dumps(dict(
                 stats, shards=next_shard, tokens_per_s=round(new_tokens / max(el, 1e-9), 2),
-                elapsed_s_total=round(prev_elapsed + el, 1)))
+                elapsed_s_total=round(prev_elapsed + el, 1)), indent=2))
 
     try:
         feed()
@@ -475,5 +461,5 @@ def generate_data(model, tokenizer, data_dir: Path, prompts: Optional[List[dict]
     stats["elapsed_s"] = el
     stats["stopped_early"] = stopped_early
     stats["elapsed_s_total"] = round(prev_elapsed + el, 1)
-    atomic_write_json(data_dir / "progress.json", dict(stats, shards=next_shard))
+    write_atomic(data_dir / "progress.json", json.dumps(dict(stats, shards=next_shard), indent=2))
     return stats

@@ -25,7 +25,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from .data import atomic_write_bytes, read_shard, shard_paths
+from ..files import write_atomic
+from .data import read_shard, shard_paths
 
 
 def bytes_per_token(target_hidden_size: int) -> int:
@@ -137,9 +138,9 @@ def extract_features(target, data_dir: Path, feat_dir: Path, *, max_disk_gb: flo
             # top1 first: the feature pair's presence marks the shard as done.
             if fill:
                 T1 = np.concatenate(tops)
-                atomic_write_bytes(top1_path(feat_dir, sp), lambda fh: np.save(fh, T1))
-            atomic_write_bytes(hp, lambda fh: np.save(fh, Hh))
-            atomic_write_bytes(fp, lambda fh: np.save(fh, F))
+                write_atomic(top1_path(feat_dir, sp), lambda fh: np.save(fh, T1))
+            write_atomic(hp, lambda fh: np.save(fh, Hh))
+            write_atomic(fp, lambda fh: np.save(fh, F))
             done_tok += n
     finally:
         if bar is not None:

@@ -24,6 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..files import staged_dir
 from ..head import Eagle3Head, HeadConfig
 from .ttt import softmax, ttt_loss
 
@@ -281,19 +282,13 @@ class Trainer:
     def save_checkpoint(self):
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         final = self.ckpt_dir / f"step_{self.step:07d}"
-        tmp = self.ckpt_dir / f".tmp_step_{self.step:07d}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        mx.save_safetensors(str(tmp / "head.safetensors"),
-                            dict(tree_flatten(self.head.trainable_parameters())))
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.opt.state)))
-        (tmp / "state.json").write_text(json.dumps(dict(
-            step=self.step, total_steps=self.total_steps, train_time_s=self.train_time_s,
-            history=self.history, config=self.cfg.to_dict()), indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        with staged_dir(final) as tmp:
+            mx.save_safetensors(str(tmp / "head.safetensors"),
+                                dict(tree_flatten(self.head.trainable_parameters())))
+            mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.opt.state)))
+            (tmp / "state.json").write_text(json.dumps(dict(
+                step=self.step, total_steps=self.total_steps, train_time_s=self.train_time_s,
+                history=self.history, config=self.cfg.to_dict()), indent=1))
         for old in sorted(self.ckpt_dir.glob("step_*"))[: -self.cfg.keep_ckpts]:
             shutil.rmtree(old, ignore_errors=True)
 
