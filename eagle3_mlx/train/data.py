@@ -142,18 +142,13 @@ def _eval_prompt_texts() -> set:
     return texts
 
 
-def select_prompts(tokenizer, n_train: int, n_heldout: int, *, seed: int = 0,
-                   max_prompt_tokens: int = 320, source: Optional[Path] = None,
-                   system: Optional[str] = None, texts: Optional[List[str]] = None) -> List[dict]:
-    """Shuffle the ShareGPT first turns with ``seed`` and keep those whose
-    templated prompt has at most ``max_prompt_tokens`` tokens. Returns
-    ``[{"text", "ids", "split"}]`` with the train prompts first."""
-    texts = texts if texts is not None else load_sharegpt_first_turns(source)
+def _new_prompts(tokenizer, texts: List[str], order, seen: set, system: Optional[str],
+                 max_prompt_tokens: int) -> Iterator[tuple]:
+    """Yield ``(index, prompt ids)`` for ``texts[index]`` in ``order``, skipping a
+    text already in ``seen`` (by :func:`prompt_key`; each new key is added, even
+    of a prompt then dropped as too long), any evaluation prompt, and prompts of
+    more than ``max_prompt_tokens`` templated tokens."""
     banned = _eval_prompt_texts()
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(texts))
-    seen, out = set(), []
-    need = n_train + n_heldout
     for i in order:
         t = texts[int(i)]
         key = prompt_key(t)
@@ -163,7 +158,22 @@ def select_prompts(tokenizer, n_train: int, n_heldout: int, *, seed: int = 0,
         ids = prompt_ids(tokenizer, t, system)
         if len(ids) > max_prompt_tokens:
             continue
-        out.append({"text": t, "ids": ids})
+        yield int(i), ids
+
+
+def select_prompts(tokenizer, n_train: int, n_heldout: int, *, seed: int = 0,
+                   max_prompt_tokens: int = 320, source: Optional[Path] = None,
+                   system: Optional[str] = None, texts: Optional[List[str]] = None) -> List[dict]:
+    """Shuffle the ShareGPT first turns with ``seed`` and keep those whose
+    templated prompt has at most ``max_prompt_tokens`` tokens. Returns
+    ``[{"text", "ids", "split"}]`` with the train prompts first."""
+    texts = texts if texts is not None else load_sharegpt_first_turns(source)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(texts))
+    out = []
+    need = n_train + n_heldout
+    for i, ids in _new_prompts(tokenizer, texts, order, set(), system, max_prompt_tokens):
+        out.append({"text": texts[i], "ids": ids})
         if len(out) >= need:
             break
     heldout = out[:n_heldout]
@@ -273,18 +283,12 @@ def add_answer_prompts(tokenizer, data_dir: Path, exchanges: List[tuple], n: int
     if have >= n:
         return have
     seen = {prompt_key(p["text"]) for p in prompts}
-    banned = _eval_prompt_texts()
     rng = np.random.default_rng(seed + 1)
     added = []
-    for i in rng.permutation(len(exchanges)):
-        q, a = exchanges[int(i)]
-        key = prompt_key(q)
-        if key in seen or key in banned:
-            continue
-        seen.add(key)
-        ids = prompt_ids(tokenizer, q, system)
-        if len(ids) > max_prompt_tokens:
-            continue
+    order = rng.permutation(len(exchanges))
+    for i, ids in _new_prompts(tokenizer, [q for q, _ in exchanges], order, seen, system,
+                               max_prompt_tokens):
+        q, a = exchanges[i]
         added.append({"text": q, "ids": ids, "split": "train", "answer": a})
         if have + len(added) >= n:
             break
