@@ -1,6 +1,6 @@
 """The EAGLE-3 draft head as an MLX module, and its on-disk MLX format.
 
-Forward pass (per position, see docs/head-format.md):
+Forward pass (per position):
 
     g    = features                N aux states of width Ht (N = 3), concatenated
     g    = input_norm(g)           norm_before_fc (NVIDIA): one RMSNorm over all N*Ht

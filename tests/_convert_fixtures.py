@@ -220,7 +220,7 @@ def write_head(layout: str, path, w: dict, **cfg_extra) -> Path:
 
 
 # ---------------------------------------------------------------------------
-# NumPy reference of the draft forward (eagle3-reference.md section 3.2)
+# NumPy reference of the draft forward (the forward pass in eagle3_mlx/head.py's docstring)
 
 def _rms(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w

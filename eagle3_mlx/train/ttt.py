@@ -1,12 +1,13 @@
 """Training-time test (TTT): the unrolled head forward and its loss.
 
-Index convention (reference §3.3, §6.3): at index t the step-0 input is
+Index convention (the draft position of docs/architecture.md, "Conventions",
+which the engine drafts with): at index t the step-0 input is
 (target feature f_t, token x_{t+1}); step s feeds the head's own output hidden
 state from step s-1 at the same index, the ground-truth token x_{t+1+s}, and
 RoPE position t+s. Its teacher is the target's distribution at position
 t+1+s (predicting x_{t+2+s}) restricted to the draft vocabulary.
 
-Attention at step s for the query at index t (reference §6.4): the step-0 keys
+Attention at step s for the query at index t: the step-0 keys
 at indices <= t (causal prefix) plus the keys of steps 1..s at the same index
 t, under one softmax. Computed efficiently as ``q @ K0^T`` with a causal mask
 plus s per-position dot-product columns. The routine reuses the head's own

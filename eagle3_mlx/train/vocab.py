@@ -1,4 +1,4 @@
-"""Draft vocabulary selection (reference §6.2).
+"""Draft vocabulary selection: the ``d2t`` / ``t2d`` tables of a trained head.
 
 Count target-token frequencies over the loss-masked (assistant) positions,
 keep the ``draft_vocab_size`` most frequent ids, sort them ascending (``used``),
