@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..files import write_atomic
+
 STAGES = ("data", "vocab", "features", "fit", "export", "eval")
 
 # Options that define the run (frozen on the first call).
@@ -117,7 +119,7 @@ def _load_config(args, work: Path) -> dict:
                   f"(use --override to change them)", file=sys.stderr)
         return cfg
     work.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(mine, indent=2))
+    write_atomic(path, json.dumps(mine, indent=2))  # read back by every later run
     return mine
 
 
@@ -137,7 +139,8 @@ class Run:
 
     def record(self, stage, **kw):
         self.stats.setdefault(stage, {}).update(kw)
-        self.stats_path.write_text(json.dumps(self.stats, indent=2))
+        # read back when a killed run resumes: never half written
+        write_atomic(self.stats_path, json.dumps(self.stats, indent=2))
 
     def load(self):
         if self._model is None:
