@@ -77,16 +77,24 @@ def add_draft_source_arg(p: argparse.ArgumentParser):
                         "in one tree (hybrid); default: hybrid with a head, ngram without")
 
 
+def add_model_args(p: argparse.ArgumentParser, model_required: bool = False):
+    """--model, --draft, --draft-source and --draft-feedback, as generate, chat and
+    serve take them (without --model: the default model and its shipped head)."""
+    p.add_argument("--model", required=model_required,
+                   help="target model: mlx-lm directory or Hugging Face repo, converted once if it "
+                        "is not MLX" + ("" if model_required else " (default: the default model)"))
+    p.add_argument("--draft", default=None,
+                   help="EAGLE-3 head: a directory or Hugging Face repo in any published layout "
+                        "(converted once, cached); with --model but no --draft, context n-grams draft")
+    add_draft_source_arg(p)
+    add_draft_feedback_arg(p)
+
+
 def generate_main(argv):
     from .tuning.choose import add_tree_args
 
     p = argparse.ArgumentParser(prog="eagle3-mlx generate", description="Generate text with EAGLE-3 speculative decoding.")
-    p.add_argument("--model", required=True, help="MLX target model directory or HF repo")
-    p.add_argument("--draft", default=None,
-                   help="EAGLE-3 head: a directory or Hugging Face repo in any published layout "
-                        "(converted once, cached); without one, context n-grams draft (--draft-source ngram)")
-    add_draft_source_arg(p)
-    add_draft_feedback_arg(p)
+    add_model_args(p, model_required=True)
     p.add_argument("--prompt", "-p", required=True, help="prompt text ('-' reads stdin)")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0)

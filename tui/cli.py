@@ -22,7 +22,7 @@ from .errors import ChatSetupError
 USAGE_HINT = (
     "Start the chat with a target model and its EAGLE-3 draft head:\n"
     "  eagle3-mlx chat --model <mlx-lm model dir or HF repo> --draft <EAGLE-3 head dir or HF repo>\n"
-    "(`eagle3-mlx convert` turns official, SpecForge and speculators heads into the MLX head format)."
+    "(--draft takes a head in any published layout; it is converted once and cached)."
 )
 
 
@@ -32,14 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Terminal chat that shows EAGLE-3 speculative decoding at work "
                     "(tokens per step, draft vs target tokens, speed against plain decoding).",
     )
-    p.add_argument("--model", help="target model: mlx-lm directory or Hugging Face repo "
-                                   "(default: the product's default model)")
-    p.add_argument("--draft", help="EAGLE-3 draft head: MLX head directory or Hugging Face repo "
-                                   "(without one, --model speculates from context n-grams)")
-    from eagle3_mlx.cli import add_draft_feedback_arg, add_draft_source_arg
+    from eagle3_mlx.cli import add_model_args
 
-    add_draft_source_arg(p)
-    add_draft_feedback_arg(p)
+    add_model_args(p)
     p.add_argument("--system", default="", help="system prompt")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy; default 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")

@@ -33,7 +33,7 @@ GRACEFUL_SHUTDOWN_S = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import add_draft_source_arg
+    from ..cli import add_model_args
     from ..tuning.choose import add_tree_args
 
     p = argparse.ArgumentParser(
@@ -41,14 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, "
                     "/v1/models, /health) with lossless EAGLE-3 speculative decoding. "
                     "One generation runs at a time; other requests wait in a bounded queue.")
-    p.add_argument("--model", help="target model: mlx-lm directory or Hugging Face repo "
-                                   "(default: the product's default model with its shipped head)")
-    p.add_argument("--draft", help="EAGLE-3 head: MLX head directory or Hugging Face repo "
-                                   "(with --model but no --draft, context n-grams draft)")
-    add_draft_source_arg(p)
-    from ..cli import add_draft_feedback_arg
-
-    add_draft_feedback_arg(p)
+    add_model_args(p)
     p.add_argument("--model-name", default=None,
                    help="model id reported by /v1/models and in answers "
                         "(default: the model's directory or repo name)")
