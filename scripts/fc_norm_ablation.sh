@@ -32,7 +32,7 @@ for stage in data vocab features; do "$PY" -m eagle3_mlx.train.cli $stage --work
 if [ ! -d "$ON/features" ]; then     # hard links: the second arm reads the same cached features
   mkdir -p "$ON"
   for f in "$OFF"/*; do
-    case "$(basename "$f")" in train_config.json|checkpoints|head_*|results.json|train_log.jsonl) continue;; esac
+    case "$(basename "$f")" in train_config.json|stages.json|checkpoints|head_*|results.json|train_log.jsonl) continue;; esac
     cp -al "$f" "$ON/"
   done
 fi
