@@ -35,6 +35,7 @@ if [ ! -d "$ON/features" ]; then     # hard links: the second arm reads the same
     case "$(basename "$f")" in train_config.json|stages.json|checkpoints|head_*|results.json|train_log.jsonl) continue;; esac
     cp -al "$f" "$ON/"
   done
+  cp "$OFF/stages.json" "$ON/"        # a copy, not a link: each arm records its own stages
 fi
 for arm in off on; do
   flag=(); [ "$arm" = on ] && flag=(--fc-norm)
