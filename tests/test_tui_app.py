@@ -8,6 +8,8 @@ import types
 
 import pytest
 
+import eagle3_mlx
+
 from _tui import wait_for
 
 from eagle3_mlx.tui import cli
@@ -172,6 +174,7 @@ def test_cli_parses_all_options():
 
 def test_no_default_model_says_what_to_pass(monkeypatch):
     monkeypatch.setitem(sys.modules, "eagle3_mlx.default_model", None)  # import fails
+    monkeypatch.delattr(eagle3_mlx, "default_model", raising=False)  # an earlier import's attribute
     with pytest.raises(ChatSetupError, match="--model .*--draft"):
         cli.resolve_paths(None, None, lambda *a: None)
 
@@ -183,6 +186,7 @@ def test_default_model_without_head_says_what_to_pass(monkeypatch):
         default_head_path=lambda: None, DEFAULT_MODEL_NAME="qwen-tiny",
         NO_HEAD_MESSAGE="no trained EAGLE-3 head is shipped")
     monkeypatch.setitem(sys.modules, "eagle3_mlx.default_model", stub)
+    monkeypatch.setattr(eagle3_mlx, "default_model", stub, raising=False)
     monkeypatch.setattr(sys.modules["eagle3_mlx"], "default_model", stub, raising=False)
     with pytest.raises(ChatSetupError, match="(?s)no trained EAGLE-3 head.*--draft"):
         cli.resolve_paths(None, None, lambda *a: None)
@@ -201,6 +205,7 @@ def test_default_model_with_head_is_used(monkeypatch):
 
     stub = types.SimpleNamespace(ensure_default_model=ensure, default_head_path=lambda: "/heads/h")
     monkeypatch.setitem(sys.modules, "eagle3_mlx.default_model", stub)
+    monkeypatch.setattr(eagle3_mlx, "default_model", stub, raising=False)
     monkeypatch.setattr(sys.modules["eagle3_mlx"], "default_model", stub, raising=False)
     notes = []
     assert cli.resolve_paths(None, None, lambda t, f=None: notes.append(t)) == ("/cache/model", "/heads/h")
@@ -209,6 +214,7 @@ def test_default_model_with_head_is_used(monkeypatch):
 
 def test_smoke_mode_reports_setup_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "eagle3_mlx.default_model", None)
+    monkeypatch.delattr(eagle3_mlx, "default_model", raising=False)
     assert cli.main(["--smoke", "hi"]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and "--draft" in err

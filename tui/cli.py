@@ -11,7 +11,6 @@ Also runnable as ``python -m eagle3_mlx.tui.cli``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import sys
 from pathlib import Path
@@ -88,9 +87,7 @@ def resolve_paths(model: str | None, draft: str | None, progress: Callable[..., 
     if model and not draft:
         return model, None          # no head: the engine speculates from context n-grams
     try:
-        # import_module reads sys.modules; ``from eagle3_mlx import default_model``
-        # would take the package attribute left by any earlier import instead.
-        dm = importlib.import_module("eagle3_mlx.default_model")
+        from eagle3_mlx import default_model as dm
     except ImportError:
         dm = None
     ensure = getattr(dm, "ensure_default_model", None)
