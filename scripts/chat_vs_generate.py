@@ -117,6 +117,11 @@ def main(argv=None) -> int:
     p.add_argument("--plain", action="store_true", help="plain decoding on both sides")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    if not (a.model and a.draft):
+        # `generate` needs --model; both sides then run the same model and head
+        from eagle3_mlx.default_model import default_paths
+
+        a.model, a.draft = default_paths(a.model, a.draft)
     gen, chat = [], []
     session = ChatSession(a)
     try:
