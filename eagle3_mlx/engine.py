@@ -326,6 +326,11 @@ class Engine:
             last_logits = penalty(mx.array(history)[None], last_logits[None])[0]
         root = choose(last_logits, params).reshape(1)
         mx.eval(root, feats)
+        uses_head = speculative and source != "ngram"
+        uses_ngram = speculative and source != "eagle"
+        if uses_ngram:
+            # indexing the prompt is prompt work (~170 ms at 8k tokens), not a decode step's
+            self.matcher.sync(ids)
         prompt_ms = (time.perf_counter() - tic) * 1000
         n_prompt = len(ids) - start
         prompt_tps = n_prompt / max(prompt_ms / 1000, 1e-9)
@@ -339,10 +344,6 @@ class Engine:
         gen_tic = time.perf_counter()
         pending = [(int(root.item()), "")]
         draft_ms = verify_ms = 0.0
-        uses_head = speculative and source != "ngram"
-        uses_ngram = speculative and source != "eagle"
-        if uses_ngram:
-            self.matcher.sync(ids)
         source_tokens = {"eagle": 0, "ngram": 0, "both": 0}
 
         while True:

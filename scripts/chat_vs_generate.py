@@ -56,7 +56,7 @@ def common_args(a) -> list:
 def run_generate(a) -> float:
     cmd = [_exe(), "generate", "--prompt", PROMPT] + common_args(a) + (["--no-spec"] if a.plain else [])
     p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
-    m = re.search(r"\|\s*([\d.]+) tok/s", p.stderr)
+    m = re.search(r"[|·]\s*([\d.]+) tok/s", p.stderr)   # runs.format_stats separates with ·
     if p.returncode or not m:
         raise RuntimeError(f"generate failed:\n{p.stderr[-2000:]}")
     return float(m.group(1))

@@ -49,8 +49,7 @@ def test_hybrid_sampling_follows_target(small_vocab, params):
     c1, c2 = np.zeros(len(p1)), np.zeros(len(p1))
     drafted = 0
     for _ in range(N_RUNS):
-        eng.ngram_acceptance.accepted.clear()  # each run sees the same prior ranking
-        eng.ngram_acceptance.rejected.clear()
+        eng.ngram_acceptance.forget()  # each run sees the same prior ranking
         rs = list(eng.stream_generate(prompt, max_tokens=2, temp=params.temp, top_p=params.top_p))
         c1[rs[0].token] += 1
         c2[rs[1].token] += 1

@@ -24,7 +24,8 @@ from .acceptance import AcceptanceModel
 from .costs import CostModel
 from .optimise import Candidate, evaluate, optimise
 
-CACHE_FORMAT = 1
+# 2: n-gram counts split into a candidate's first token and the tokens after it
+CACHE_FORMAT = 2
 
 
 def cache_dir() -> Path:
@@ -161,7 +162,8 @@ class Calibration:
     seconds: float = 0.0
     online_steps: int = 0
     info: dict = field(default_factory=dict)
-    # n-gram drafts' acceptance on the same continuations, {match_len: [accepted, rejected]}
+    # n-gram drafts' acceptance on the same continuations,
+    # {"first"|"later": {match_len: [accepted, rejected]}} (NgramAcceptance.counts)
     ngram: dict = field(default_factory=dict)
 
     def pick(self, **kw) -> Tuple[Candidate, List[Candidate]]:
@@ -185,7 +187,7 @@ class Calibration:
             "seconds": round(self.seconds, 2),
             "online_steps": self.online_steps,
             "info": self.info,
-            "ngram": {str(n): c for n, c in self.ngram.items()},
+            "ngram": {kind: {str(n): c for n, c in cells.items()} for kind, cells in self.ngram.items()},
         }
 
     @classmethod
@@ -194,7 +196,8 @@ class Calibration:
                   acceptance=AcceptanceModel.from_dict(d["acceptance"]), created=d.get("created", 0.0),
                   seconds=d.get("seconds", 0.0), online_steps=d.get("online_steps", 0),
                   info=d.get("info", {}),
-                  ngram={int(n): c for n, c in d.get("ngram", {}).items()})
+                  ngram={kind: {int(n): c for n, c in cells.items()}
+                         for kind, cells in d.get("ngram", {}).items()})
         c = d.get("choice")
         if c:
             cal.choice = evaluate(TreeSpec(c["top_k"], c["depth"], c["total_tokens"]), cal.costs,

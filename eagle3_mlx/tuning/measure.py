@@ -296,7 +296,7 @@ def measure_ngram_acceptance(conts: Sequence[Tuple[list, list]], *, max_len: int
     generated position the context matcher proposes what it would in the
     engine, and each candidate is scored against the target's true tokens
     (accepted until the first miss), per match length. Returns
-    {match_len: [accepted tokens, rejected candidates]} (NgramAcceptance's counts)."""
+    {"first"|"later": {match_len: [accepted, rejected]}} (NgramAcceptance's counts)."""
     from ..hybrid import NgramAcceptance
     from ..ngram import ContextMatcher
 
