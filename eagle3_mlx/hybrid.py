@@ -215,8 +215,8 @@ def _cede_to_ngrams(parents, scores, sources) -> set:
     on a confident copy they no longer pay for their verify width."""
     ngram_q = {}
     for i in range(1, len(parents)):
-        if sources[i] == NGRAM:
-            p = parents[i]
+        p = parents[i]
+        if sources[i] == NGRAM and scores[p] > 0:
             ngram_q[p] = max(ngram_q.get(p, 0.0), scores[i] / scores[p])
     if not ngram_q:
         return set()
