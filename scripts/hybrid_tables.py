@@ -68,6 +68,16 @@ def tables(rows: list) -> str:
         cells = [fmt(cell(group[(cat, t, s)])) for t, s in cols]
         name = f"**{cat}**" if cat == "overall" else cat
         out.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    if len(turns) > 1:
+        out.append("")
+        out.append("Both turns together: " + ", ".join(
+            f"{s} {fmt(cell([r for t in turns for r in group[('overall', t, s)]]))}" for s in sources) + ".")
+    if {"hybrid", "eagle"} <= set(sources):
+        slower = [f"{cat} (turn {t})" if len(turns) > 1 else cat
+                  for cat in cats + ["overall"] for t in turns
+                  if cell(group[(cat, t, "hybrid")])["speedup"] < cell(group[(cat, t, "eagle")])["speedup"]]
+        out.append("")
+        out.append("Hybrid slower than EAGLE alone in: " + (", ".join(slower) or "no category") + ".")
     same = sum(bool(r.get("identical")) for r in rows)
     by_src = defaultdict(lambda: defaultdict(int))
     for r in rows:
