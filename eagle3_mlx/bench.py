@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .bench_report import (format_grid, format_rows, format_sources,
-                           format_summary, write_plot)
+                           format_summary, plot_result)
 from .default_model import default_paths
 from .files import write_atomic
 from .platform import default_dtype, describe_machine, machine_info
@@ -468,7 +468,7 @@ def main(argv=None) -> int:
     result = build_result(res, engine, args, prompts, tree, fixed, grid, calibration, machine,
                           model, draft, dtype)
     print_report(result, res, args, prompts, tree, fixed, grid, model, draft)
-    write_outputs(result, args, model, draft, tree)
+    write_outputs(result, args)
     return 0
 
 
@@ -610,7 +610,7 @@ def build_result(res, engine, args, prompts, tree, fixed, grid, calibration, mac
     lab = config_label(tree, sources[0], sources)
     rows, total, cats = res["rows"][lab], res["summary"][lab], res["categories"][lab]
     model_desc = {
-        "model": str(model), "draft": str(draft), "dtype": dtype,
+        "model": str(model), "draft": None if draft is None else str(draft), "dtype": dtype,
         "quantization": quantization_of(engine.model),
         "model_type": engine.target.model_type, "layers": engine.target.num_layers,
         "hidden_size": engine.target.hidden_size, "vocab_size": engine.target.vocab_size,
@@ -701,18 +701,14 @@ def print_report(result, res, args, prompts, tree, fixed, grid, model, draft):
         print(f"note: {n}")
 
 
-def write_outputs(result, args, model, draft, tree):
+def write_outputs(result, args):
     if args.json:
         write_atomic(Path(args.json), json.dumps(result, indent=1))
         print(f"wrote {args.json} (per-prompt rows also in {sidecar_path(args.json)})")
     if args.plot:
-        sources = args.draft_source
-        machine = result["machine"]
-        title = (f"eagle3-mlx bench: {Path(str(model)).name} + {Path(str(draft)).name}, tree "
-                 f"{config_label(tree, sources[0], sources)}, "
-                 f"{machine['backend']} {machine['device']}, mlx {machine['mlx']}")
-        write_plot(args.plot, result["categories"], result["total"], title)
+        plot_result(result, args.plot)
         print(f"wrote {args.plot}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,8 @@
 Contract: plain functions from the bench's rows and summaries (see
 :func:`eagle3_mlx.bench.summarize`) to text (:func:`format_rows`,
 :func:`format_summary`, :func:`format_sources`, :func:`format_grid`) and to a
-PNG (:func:`write_plot`, needs matplotlib). Nothing here runs a model.
+PNG (:func:`write_plot`, :func:`plot_result` for a saved ``--json`` record;
+needs matplotlib). Nothing here runs a model.
 """
 
 from __future__ import annotations
@@ -70,29 +71,66 @@ def format_grid(grid: List[dict], chosen: Optional[str]) -> str:
     return "\n".join(lines)
 
 
-def write_plot(path, cats: Dict[str, dict], total: dict, title: str):
+def plot_title(result: dict) -> str:
+    """The plot's caption from a bench JSON record: model, head, tree, sources, machine."""
+    cfg, machine = result["config"], result["machine"]
+    tree = cfg["tree"]
+    sources = cfg.get("draft_source") or ""
+    label = f"{tree['top_k']},{tree['depth']},{tree['total_tokens']}"
+    if tree.get("source") == "auto":
+        label += " (auto)"
+    return (f"eagle3-mlx bench: {_name(cfg['model'])} + {_name(cfg['draft'])}, tree {label}"
+            + (f", {sources.replace(',', ' / ')}" if sources else "")
+            + f", {machine['backend']} {machine['device']}, mlx {machine['mlx']}")
+
+
+def _name(path) -> str:
+    return "no head" if path is None else str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def plot_result(result: dict, path) -> None:
+    """:func:`write_plot` of a bench JSON record (one bar per draft source when it has several)."""
+    write_plot(path, result["categories"], result["total"], plot_title(result), result.get("sources"))
+
+
+def write_plot(path, cats: Dict[str, dict], total: dict, title: str,
+               by_source: Optional[Dict[str, dict]] = None):
+    """Speedup and tau per category. With ``by_source`` (source -> {"summary",
+    "categories"}, as in bench's JSON) each category gets one bar per source and
+    an "overall" group, so the sources can be compared at a glance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted(cats)
-    sp = [cats[c]["speedup"] or 0 for c in names]
-    tau = [cats[c]["tau"] or 0 for c in names]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    axes[0].bar(names, sp, color="#4C72B0")
-    axes[0].axhline(1.0, color="gray", lw=1, ls="--")
-    if total.get("speedup"):
-        axes[0].axhline(total["speedup"], color="#C44E52", lw=1.2, label=f"overall {total['speedup']:.2f}x")
-        axes[0].legend(loc="lower right")
-    axes[0].set_ylabel("speedup vs plain mlx-lm")
-    axes[0].set_title("speedup per category")
-    axes[1].bar(names, tau, color="#55A868")
-    if total.get("tau"):
-        axes[1].axhline(total["tau"], color="#C44E52", lw=1.2, label=f"overall {total['tau']:.2f}")
-        axes[1].legend(loc="lower right")
-    axes[1].set_ylabel("tau (tokens per target forward)")
-    axes[1].set_title("tau per category")
+    panels = (("speedup", "speedup vs plain mlx-lm", "speedup per category", "x"),
+              ("tau", "tau (tokens per target forward)", "tau per category", ""))
+    if by_source and len(by_source) > 1:
+        names = sorted({c for v in by_source.values() for c in v["categories"]}) + ["overall"]
+        width = 0.8 / len(by_source)
+        colors = ("#4C72B0", "#55A868", "#DD8452", "#8172B3", "#937860")
+        for ax, (key, ylabel, panel_title, _) in zip(axes, panels):
+            for i, (src, v) in enumerate(by_source.items()):
+                vals = [(v["summary"] if c == "overall" else v["categories"].get(c, {})).get(key) or 0
+                        for c in names]
+                ax.bar([j + (i - (len(by_source) - 1) / 2) * width for j in range(len(names))], vals,
+                       width, label=src, color=colors[i % len(colors)])
+            ax.set_xticks(range(len(names)), names)
+            ax.set_ylabel(ylabel)
+            ax.set_title(panel_title)
+        axes[0].axhline(1.0, color="gray", lw=1, ls="--")
+        axes[0].legend(loc="upper left", fontsize=8)
+    else:
+        names = sorted(cats)
+        for ax, (key, ylabel, panel_title, unit), color in zip(axes, panels, ("#4C72B0", "#55A868")):
+            ax.bar(names, [cats[c][key] or 0 for c in names], color=color)
+            if total.get(key):
+                ax.axhline(total[key], color="#C44E52", lw=1.2, label=f"overall {total[key]:.2f}{unit}")
+                ax.legend(loc="lower right")
+            ax.set_ylabel(ylabel)
+            ax.set_title(panel_title)
+        axes[0].axhline(1.0, color="gray", lw=1, ls="--")
     for ax in axes:
         ax.tick_params(axis="x", rotation=35)
     fig.suptitle(title, fontsize=9)

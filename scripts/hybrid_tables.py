@@ -7,7 +7,7 @@ source, split by MT-bench turn when the run has two. Aggregates the way bench
 does: tau = tokens / target forwards, speedup = (spec tokens / spec s) / (plain
 tokens / plain s), both summed over the cell's prompts.
 
-    python scripts/hybrid_tables.py benchmarks/hybrid/mtbench-2turns.json
+    python scripts/hybrid_tables.py benchmarks/hybrid/mtbench-2turns.json [--replot]
 """
 
 from __future__ import annotations
@@ -93,9 +93,16 @@ def tables(rows: list) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("json", nargs="+", type=Path, help="bench --json output(s) (their sidecars are read)")
+    p.add_argument("--replot", action="store_true",
+                   help="also redraw each run's PNG (same name, .png) from its JSON, one bar per source")
     args = p.parse_args(argv)
     for path in args.json:
         print(f"### {path}\n\n{tables(read_rows(path))}\n")
+        if args.replot:
+            from eagle3_mlx.bench_report import plot_result
+
+            plot_result(json.loads(path.read_text(encoding="utf-8")), path.with_suffix(".png"))
+            print(f"wrote {path.with_suffix('.png')}\n")
 
 
 if __name__ == "__main__":

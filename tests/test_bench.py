@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from eagle3_mlx import bench, prompts, testing
+from eagle3_mlx import bench, bench_report, prompts, testing
 from eagle3_mlx.head import save_head
 
 
@@ -164,8 +164,38 @@ def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     cats = {"math": {"speedup": 1.5, "tau": 2.5}, "coding": {"speedup": 2.1, "tau": 3.2}}
     out = tmp_path / "p.png"
-    bench.write_plot(out, cats, {"speedup": 1.8, "tau": 2.9}, "test")
+    bench_report.write_plot(out, cats, {"speedup": 1.8, "tau": 2.9}, "test")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_of_a_saved_multi_source_run_has_a_bar_per_source(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    def summary(tau, speedup):
+        return {"tau": tau, "speedup": speedup}
+
+    result = {
+        "config": {"model": "/m/target", "draft": "/h/head/", "draft_source": "hybrid,eagle,ngram",
+                   "tree": {"top_k": 1, "depth": 1, "total_tokens": 3, "source": "auto"}},
+        "machine": {"backend": "cpu", "device": "AMD EPYC", "mlx": "0.32.4"},
+        "categories": {"bug": summary(4.0, 2.6)}, "total": summary(6.8, 4.0),
+        "sources": {src: {"summary": summary(t, x), "categories": {"bug": summary(t, x), "rename": summary(t, x)}}
+                    for src, t, x in (("hybrid", 6.8, 4.0), ("eagle", 1.4, 1.0), ("ngram", 5.6, 3.9))},
+    }
+    bars = []
+    real_bar = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar",
+                        lambda self, x, h, *a, **kw: bars.append((kw.get("label"), list(h)))
+                        or real_bar(self, x, h, *a, **kw))
+    out = tmp_path / "p.png"
+    bench_report.plot_result(result, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # two panels x three sources, each over bug, rename and overall
+    assert [b[0] for b in bars] == ["hybrid", "eagle", "ngram"] * 2
+    assert bars[1][1] == [1.0, 1.0, 1.0] and bars[3][1] == [6.8, 6.8, 6.8]
+    title = bench_report.plot_title(result)
+    assert "target + head" in title and "tree 1,1,3 (auto)" in title and "hybrid / eagle / ngram" in title
 
 
 def test_interrupted_run_resumes_to_the_same_result(pair, tmp_path, monkeypatch, capsys):

@@ -109,7 +109,7 @@ def test_bench_compares_sources_against_one_plain_run(demo_dirs, tmp_path, monke
     out = tmp_path / "r.json"
     rc = bench.main(["--model", str(target), "--draft", str(head), "--prompts", str(pf), "--max-tokens", "24",
                      "--tree", "2,2,6", "--draft-source", "hybrid,eagle,ngram", "--json", str(out),
-                     "--no-progress", "--no-warmup", "--dtype", "float32"])
+                     "--plot", str(tmp_path / "r.png"), "--no-progress", "--no-warmup", "--dtype", "float32"])
     assert rc == 0
     res = json.loads(out.read_text())
     assert len(plain_calls) == 2                        # one plain run per prompt, shared
@@ -125,6 +125,7 @@ def test_bench_compares_sources_against_one_plain_run(demo_dirs, tmp_path, monke
     assert res["total"] == res["sources"]["hybrid"]["summary"]   # the first source is the headline
     text = capsys.readouterr().out
     assert "hybrid tau" in text and "ngram x" in text
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_refuses_an_unknown_source(demo_dirs, capsys):
