@@ -120,7 +120,8 @@ def write_plot(path, cats: Dict[str, dict], total: dict, title: str,
             ax.set_ylabel(ylabel)
             ax.set_title(panel_title)
         axes[0].axhline(1.0, color="gray", lw=1, ls="--")
-        axes[0].legend(loc="upper left", fontsize=8)
+        axes[0].set_ylim(top=axes[0].get_ylim()[1] * 1.15)     # headroom for the legend
+        axes[0].legend(loc="upper center", ncol=len(by_source), fontsize=8)
     else:
         names = sorted(cats)
         for ax, (key, ylabel, panel_title, unit), color in zip(axes, panels, ("#4C72B0", "#55A868")):

@@ -7,7 +7,8 @@ source, split by MT-bench turn when the run has two. Aggregates the way bench
 does: tau = tokens / target forwards, speedup = (spec tokens / spec s) / (plain
 tokens / plain s), both summed over the cell's prompts.
 
-    python scripts/hybrid_tables.py benchmarks/hybrid/mtbench-2turns.json [--replot]
+    python scripts/hybrid_tables.py benchmarks/hybrid/code-edit.json \
+        --exclude benchmarks/hybrid/ranking-ab/held-out-prompts.jsonl [--replot]
 """
 
 from __future__ import annotations
@@ -90,19 +91,41 @@ def tables(rows: list) -> str:
     return "\n".join(out)
 
 
+def replot(path: Path, rows: list) -> None:
+    """Redraw PATH.png with one bar per source, from exactly the rows the tables show."""
+    from eagle3_mlx.bench_report import plot_title, write_plot
+
+    by_source = defaultdict(lambda: {"categories": defaultdict(list), "summary": []})
+    for r in rows:
+        by_source[source_of(r)]["categories"][r["category"]].append(r)
+        by_source[source_of(r)]["summary"].append(r)
+    by_source = {s: {"summary": cell(v["summary"]), "categories": {c: cell(rs) for c, rs in v["categories"].items()}}
+                 for s, v in by_source.items()}
+    first = next(iter(by_source.values()))
+    png = path.with_suffix(".png")
+    write_plot(png, first["categories"], first["summary"],
+               plot_title(json.loads(path.read_text(encoding="utf-8"))), by_source)
+    print(f"wrote {png}\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("json", nargs="+", type=Path, help="bench --json output(s) (their sidecars are read)")
+    p.add_argument("--exclude", type=Path, action="append", default=[], metavar="JSONL",
+                   help="leave out the prompts of this file (by id), e.g. ones a tuning A/B used")
     p.add_argument("--replot", action="store_true",
-                   help="also redraw each run's PNG (same name, .png) from its JSON, one bar per source")
+                   help="also redraw each run's PNG (same name, .png) from the rows shown, one bar per source")
     args = p.parse_args(argv)
+    excluded = {json.loads(line)["id"] for f in args.exclude
+                for line in f.read_text(encoding="utf-8").splitlines() if line.strip()}
     for path in args.json:
-        print(f"### {path}\n\n{tables(read_rows(path))}\n")
+        rows = read_rows(path)
+        left_out = sorted({r["id"] for r in rows if r["id"] in excluded})
+        rows = [r for r in rows if r["id"] not in excluded]
+        note = f"\n\nLeft out (used for tuning): {', '.join(left_out)}." if left_out else ""
+        print(f"### {path}\n\n{tables(rows)}{note}\n")
         if args.replot:
-            from eagle3_mlx.bench_report import plot_result
-
-            plot_result(json.loads(path.read_text(encoding="utf-8")), path.with_suffix(".png"))
-            print(f"wrote {path.with_suffix('.png')}\n")
+            replot(path, rows)
 
 
 if __name__ == "__main__":
