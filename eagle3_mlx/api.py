@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +20,7 @@ def resolve_path(path_or_repo: str) -> Path:
 
 
 def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | None = None,
-         draft_feedback: str | None = None, log=None, **spec_options) -> Engine:
+         draft_feedback: str | None = None, tree=None, log=None, **spec_options) -> Engine:
     """Load a target and (optionally) an EAGLE-3 head and return an
     :class:`Engine`. Without a head the engine drafts from context n-grams.
 
@@ -34,11 +35,19 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
     ``kv_group_size``, ``max_context``, ``aux_layer_ids``, ``draft_source``
     ("eagle", "ngram" or "hybrid"), ``ngram_tokens``, ``ngram_min_score``.
     ``model_dtype``: cast the target's floating weights (e.g. ``"float32"`` on a CPU).
+    ``tree``: as the CLI's ``--tree``: ``"auto"`` uses the tree calibrated for
+    this machine (measured once, about a minute, then cached) and ranks hybrid
+    candidates with the calibration's measured rates; ``"K,D,N"`` or a tuple
+    sets the shape (and still uses a cached calibration's rates). Give either
+    ``tree`` or ``top_k``/``depth``/``total_tokens``, not both.
     """
     from mlx_lm import load as mlx_load
 
     from .hub_cache import resolve_head, resolve_model
 
+    shape = sorted({"top_k", "depth", "total_tokens"} & spec_options.keys())
+    if tree is not None and shape:
+        raise ValueError(f"give either tree= or {'/'.join(shape)}=, not both")
     kw = {} if log is None else {"log": log}
     model_dir = resolve_model(model_path, **kw)
     model, tokenizer = mlx_load(str(model_dir))
@@ -50,7 +59,16 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
         # checked against the head before the conversion is cached.
         head_dir = resolve_head(draft_path, target_config=model_dir / "config.json", **kw)
         head = load_head(head_dir, feedback=draft_feedback)
-    return Engine(model, tokenizer, head, **spec_options)
+    engine = Engine(model, tokenizer, head, **spec_options)
+    if tree is not None:
+        from .tuning.choose import apply_tree
+
+        apply_tree(engine, tree, log=log or _to_stderr)
+    return engine
+
+
+def _to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def cast_floating(module, dtype: str):

@@ -135,6 +135,29 @@ def test_load_and_cli_generate(tiny_dir, tiny, tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_load_takes_a_tree_like_the_cli(tiny_dir, tiny, tmp_path, monkeypatch):
+    from eagle3_mlx.tuning.choose import calibrate
+
+    monkeypatch.setenv("EAGLE3_MLX_HOME", str(tmp_path / "home"))
+    model, _ = tiny("llama")
+    save_head(make_random_head(model), tmp_path / "head")
+    target, head = str(tiny_dir("llama")), str(tmp_path / "head")
+    eng = eagle3_mlx.load(target, head, tree="3,2,7")
+    assert (eng.spec.top_k, eng.spec.depth, eng.spec.num_nodes) == (3, 2, 7)
+    assert eng.node_costs is None                       # no calibration cached yet
+    with pytest.raises(ValueError, match="either tree= or top_k="):
+        eagle3_mlx.load(target, head, tree="auto", top_k=2)
+    with pytest.raises(ValueError, match="TOP_K,DEPTH,TOTAL_TOKENS"):
+        eagle3_mlx.load(target, head, tree="3,2")
+    # "auto" takes the calibrated tree (cached here first) and seeds hybrid ranking with it
+    cal = calibrate(eng, quick=True)
+    auto = eagle3_mlx.load(target, head, tree="auto", log=lambda m: None)
+    assert (auto.spec.top_k, auto.spec.depth, auto.spec.num_nodes) == \
+        (cal.spec.top_k, cal.spec.depth, cal.spec.num_nodes)
+    assert auto.node_costs is not None
+    assert auto.node_costs.verify_ms == pytest.approx(cal.costs.verify_ms, abs=1e-3)   # as cached
+
+
 def test_float16_head_runs_in_target_dtype(pair, tmp_path):
     """A head saved in float16 (as shipped, for size) is cast to the float32
     target's dtype when the engine is built, and the output stays lossless."""
