@@ -39,7 +39,8 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
     this machine (measured once, about a minute, then cached) and ranks hybrid
     candidates with the calibration's measured rates; ``"K,D,N"`` or a tuple
     sets the shape (and still uses a cached calibration's rates). Give either
-    ``tree`` or ``top_k``/``depth``/``total_tokens``, not both.
+    ``tree`` or ``top_k``/``depth``/``total_tokens``, not both. Without a head
+    it does not apply, as on the CLI: n-gram drafts size themselves.
     """
     from mlx_lm import load as mlx_load
 
@@ -60,7 +61,7 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
         head_dir = resolve_head(draft_path, target_config=model_dir / "config.json", **kw)
         head = load_head(head_dir, feedback=draft_feedback)
     engine = Engine(model, tokenizer, head, **spec_options)
-    if tree is not None:
+    if tree is not None and head is not None:
         from .tuning.choose import apply_tree
 
         apply_tree(engine, tree, log=log or _to_stderr)

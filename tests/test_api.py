@@ -149,8 +149,12 @@ def test_load_takes_a_tree_like_the_cli(tiny_dir, tiny, tmp_path, monkeypatch):
         eagle3_mlx.load(target, head, tree="auto", top_k=2)
     with pytest.raises(ValueError, match="TOP_K,DEPTH,TOTAL_TOKENS"):
         eagle3_mlx.load(target, head, tree="3,2")
+    # without a head the tree does not apply: nothing is calibrated
+    assert eagle3_mlx.load(target, tree="auto").head is None
+    assert not list((tmp_path / "home").rglob("calibration/*.json"))
     # "auto" takes the calibrated tree (cached here first) and seeds hybrid ranking with it
     cal = calibrate(eng, quick=True)
+    assert len(list((tmp_path / "home").rglob("calibration/*.json"))) == 1
     auto = eagle3_mlx.load(target, head, tree="auto", log=lambda m: None)
     assert (auto.spec.top_k, auto.spec.depth, auto.spec.num_nodes) == \
         (cal.spec.top_k, cal.spec.depth, cal.spec.num_nodes)
