@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -44,13 +43,13 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
     """
     from mlx_lm import load as mlx_load
 
-    from .hub_cache import resolve_head, resolve_model
+    from .hub_cache import _say, resolve_head, resolve_model
 
     shape = sorted({"top_k", "depth", "total_tokens"} & spec_options.keys())
     if tree is not None and shape:
         raise ValueError(f"give either tree= or {'/'.join(shape)}=, not both")
-    kw = {} if log is None else {"log": log}
-    model_dir = resolve_model(model_path, **kw)
+    log = log or _say
+    model_dir = resolve_model(model_path, log=log)
     model, tokenizer = mlx_load(str(model_dir))
     if model_dtype:
         cast_floating(model, model_dtype)
@@ -58,18 +57,14 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
     if draft_path:
         # The target's config settles aux ids that read either way and is
         # checked against the head before the conversion is cached.
-        head_dir = resolve_head(draft_path, target_config=model_dir / "config.json", **kw)
+        head_dir = resolve_head(draft_path, target_config=model_dir / "config.json", log=log)
         head = load_head(head_dir, feedback=draft_feedback)
     engine = Engine(model, tokenizer, head, **spec_options)
     if tree is not None and head is not None:
         from .tuning.choose import apply_tree
 
-        apply_tree(engine, tree, log=log or _to_stderr)
+        apply_tree(engine, tree, log=log)
     return engine
-
-
-def _to_stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def cast_floating(module, dtype: str):
