@@ -426,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the prompt turns (per tree) not in it, then report old and new rows together. "
                         "Refused if the sidecar was written with another --model, --draft, --dtype, "
                         "--prompts, --turns, --max-tokens, --temp, --seed or --system")
-    p.add_argument("--plot", default=None, help="write a PNG of speedup and tau per category "
-                                                  "(needs matplotlib: pip install 'eagle3-mlx[plot]')")
+    p.add_argument("--plot", default=None, help="write a PNG of speedup and tau per category, or per tree "
+                                                  "with --grid (needs matplotlib: pip install 'eagle3-mlx[plot]')")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no per-prompt table")

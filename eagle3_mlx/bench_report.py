@@ -3,8 +3,8 @@
 Contract: plain functions from the bench's rows and summaries (see
 :func:`eagle3_mlx.bench.summarize`) to text (:func:`format_rows`,
 :func:`format_summary`, :func:`format_sources`, :func:`format_grid`) and to a
-PNG (:func:`write_plot`, :func:`plot_result` for a saved ``--json`` record;
-needs matplotlib). Nothing here runs a model.
+PNG (:func:`write_plot`, :func:`write_grid_plot`, :func:`plot_result` for a
+saved ``--json`` record; needs matplotlib). Nothing here runs a model.
 """
 
 from __future__ import annotations
@@ -89,8 +89,56 @@ def _name(path) -> str:
 
 
 def plot_result(result: dict, path) -> None:
-    """:func:`write_plot` of a bench JSON record (one bar per draft source when it has several)."""
-    write_plot(path, result["categories"], result["total"], plot_title(result), result.get("sources"))
+    """:func:`write_plot` of a bench JSON record (one bar per draft source when it
+    has several), or :func:`write_grid_plot` when the record holds a ``--grid``."""
+    if result.get("grid"):
+        tree = result["config"]["tree"]
+        chosen = (f"{tree['top_k']},{tree['depth']},{tree['total_tokens']}"
+                  if tree.get("source") == "auto" else None)
+        write_grid_plot(path, result["grid"], chosen, plot_title(result),
+                        result["config"].get("draft_source") or "")
+    else:
+        write_plot(path, result["categories"], result["total"], plot_title(result), result.get("sources"))
+
+
+_PANELS = (("speedup", "speedup vs plain mlx-lm"), ("tau", "tau (tokens per target forward)"))
+_COLORS = ("#4C72B0", "#55A868", "#DD8452", "#8172B3", "#937860")
+
+
+def _grouped_bars(axes, names: List[str], series: Dict[str, Dict[str, dict]], what: str):
+    """One bar per series at each name, on a speedup panel and a tau panel;
+    ``series`` maps a legend label to {name: summary}."""
+    width = 0.8 / len(series)
+    for ax, (key, ylabel) in zip(axes, _PANELS):
+        for i, (label, by_name) in enumerate(series.items()):
+            vals = [(by_name.get(n) or {}).get(key) or 0 for n in names]
+            ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(names))], vals,
+                   width, label=label, color=_COLORS[i % len(_COLORS)])
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{key} per {what}")
+    axes[0].axhline(1.0, color="gray", lw=1, ls="--")
+    axes[0].set_ylim(top=axes[0].get_ylim()[1] * 1.15)     # headroom for the legend
+    axes[0].legend(loc="upper center", ncol=len(series), fontsize=8)
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    return plt, fig, axes
+
+
+def _save(plt, fig, axes, path, title: str):
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=35)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def write_plot(path, cats: Dict[str, dict], total: dict, title: str,
@@ -98,43 +146,37 @@ def write_plot(path, cats: Dict[str, dict], total: dict, title: str,
     """Speedup and tau per category. With ``by_source`` (source -> {"summary",
     "categories"}, as in bench's JSON) each category gets one bar per source and
     an "overall" group, so the sources can be compared at a glance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = (("speedup", "speedup vs plain mlx-lm", "speedup per category", "x"),
-              ("tau", "tau (tokens per target forward)", "tau per category", ""))
+    plt, fig, axes = _figure()
     if by_source and len(by_source) > 1:
         names = sorted({c for v in by_source.values() for c in v["categories"]}) + ["overall"]
-        width = 0.8 / len(by_source)
-        colors = ("#4C72B0", "#55A868", "#DD8452", "#8172B3", "#937860")
-        for ax, (key, ylabel, panel_title, _) in zip(axes, panels):
-            for i, (src, v) in enumerate(by_source.items()):
-                vals = [(v["summary"] if c == "overall" else v["categories"].get(c, {})).get(key) or 0
-                        for c in names]
-                ax.bar([j + (i - (len(by_source) - 1) / 2) * width for j in range(len(names))], vals,
-                       width, label=src, color=colors[i % len(colors)])
-            ax.set_xticks(range(len(names)), names)
-            ax.set_ylabel(ylabel)
-            ax.set_title(panel_title)
-        axes[0].axhline(1.0, color="gray", lw=1, ls="--")
-        axes[0].set_ylim(top=axes[0].get_ylim()[1] * 1.15)     # headroom for the legend
-        axes[0].legend(loc="upper center", ncol=len(by_source), fontsize=8)
+        _grouped_bars(axes, names, {src: {**v["categories"], "overall": v["summary"]}
+                                    for src, v in by_source.items()}, "category")
     else:
         names = sorted(cats)
-        for ax, (key, ylabel, panel_title, unit), color in zip(axes, panels, ("#4C72B0", "#55A868")):
+        for ax, (key, ylabel), color in zip(axes, _PANELS, _COLORS):
             ax.bar(names, [cats[c][key] or 0 for c in names], color=color)
             if total.get(key):
+                unit = "x" if key == "speedup" else ""
                 ax.axhline(total[key], color="#C44E52", lw=1.2, label=f"overall {total[key]:.2f}{unit}")
                 ax.legend(loc="lower right")
             ax.set_ylabel(ylabel)
-            ax.set_title(panel_title)
+            ax.set_title(f"{key} per category")
         axes[0].axhline(1.0, color="gray", lw=1, ls="--")
+    _save(plt, fig, axes, path, title)
+
+
+def write_grid_plot(path, grid: List[dict], chosen: Optional[str], title: str, sources: str = ""):
+    """Speedup and tau per grid tree, one bar per draft source, trees in order
+    of size; the chosen (auto) tree's label is starred. ``grid`` is bench's JSON
+    list of {"tree": "K,D,N[ source]", "summary"}."""
+    series: Dict[str, Dict[str, dict]] = {}
+    for g in grid:
+        tree, _, src = g["tree"].partition(" ")
+        series.setdefault(src or sources or "speculative", {})[tree] = g["summary"]
+    trees = sorted({t for by_tree in series.values() for t in by_tree},
+                   key=lambda t: (int(t.split(",")[2]), t))
+    plt, fig, axes = _figure()
+    _grouped_bars(axes, trees, series, "tree (top_k,depth,total_tokens)")
     for ax in axes:
-        ax.tick_params(axis="x", rotation=35)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        ax.set_xticks(range(len(trees)), [f"{t} *" if t == chosen else t for t in trees])
+    _save(plt, fig, axes, path, title + ("  (* auto)" if chosen in trees else ""))

@@ -198,6 +198,40 @@ def test_plot_of_a_saved_multi_source_run_has_a_bar_per_source(tmp_path, monkeyp
     assert "target + head" in title and "tree 1,1,3 (auto)" in title and "hybrid / eagle / ngram" in title
 
 
+def test_plot_of_a_grid_run_has_a_bar_per_tree_and_source(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    def entry(label, tau, speedup):
+        return {"tree": label, "summary": {"tau": tau, "speedup": speedup}}
+
+    result = {
+        "config": {"model": "/m/target", "draft": "/h/head", "draft_source": "hybrid,eagle",
+                   "tree": {"top_k": 1, "depth": 1, "total_tokens": 3, "source": "auto"}},
+        "machine": {"backend": "cpu", "device": "AMD EPYC", "mlx": "0.32.4"},
+        "categories": {"coding": {"tau": 1.7, "speedup": 1.4}}, "total": {"tau": 1.7, "speedup": 1.4},
+        # bench lists the chosen tree first, then the grid in the order given
+        "grid": [entry("1,1,3 hybrid", 1.7, 1.4), entry("1,1,3 eagle", 1.5, 1.3),
+                 entry("8,6,48 hybrid", 2.4, 0.7), entry("8,6,48 eagle", 2.3, 0.6),
+                 entry("2,1,4 hybrid", 1.9, 1.36), entry("2,1,4 eagle", 1.7, 1.28)],
+    }
+    bars, ticks = [], []
+    real_bar, real_ticks = matplotlib.axes.Axes.bar, matplotlib.axes.Axes.set_xticks
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar",
+                        lambda self, x, h, *a, **kw: bars.append((kw.get("label"), list(h)))
+                        or real_bar(self, x, h, *a, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks",
+                        lambda self, pos, labels=None, **kw: ticks.append(list(labels or []))
+                        or real_ticks(self, pos, labels, **kw))
+    out = tmp_path / "grid.png"
+    bench_report.plot_result(result, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # trees in order of size, one bar per source on each panel; the auto tree starred
+    assert bars == [("hybrid", [1.4, 1.36, 0.7]), ("eagle", [1.3, 1.28, 0.6]),
+                    ("hybrid", [1.7, 1.9, 2.4]), ("eagle", [1.5, 1.7, 2.3])]
+    assert ticks[-1] == ["1,1,3 *", "2,1,4", "8,6,48"]
+
+
 def test_interrupted_run_resumes_to_the_same_result(pair, tmp_path, monkeypatch, capsys):
     target, head = pair
     pf = tmp_path / "p.jsonl"
