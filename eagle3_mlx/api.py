@@ -43,12 +43,13 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
     """
     from mlx_lm import load as mlx_load
 
-    from .hub_cache import _say, resolve_head, resolve_model
+    from .console import say
+    from .hub_cache import resolve_head, resolve_model
 
     shape = sorted({"top_k", "depth", "total_tokens"} & spec_options.keys())
     if tree is not None and shape:
         raise ValueError(f"give either tree= or {'/'.join(shape)}=, not both")
-    log = log or _say
+    log = log or say
     model_dir = resolve_model(model_path, log=log)
     model, tokenizer = mlx_load(str(model_dir))
     if model_dtype:

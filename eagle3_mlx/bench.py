@@ -38,6 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .bench_report import (format_grid, format_rows, format_sources,
                            format_summary, plot_result)
+from .console import say
 from .default_model import default_paths
 from .files import write_atomic
 from .platform import default_dtype, describe_machine, machine_info
@@ -219,7 +220,7 @@ def run_bench(engine, prompts: List[BenchPrompt], *, trees: List[TreeSpec], turn
     import copy
 
     greedy = temp == 0
-    log = log or (lambda s: print(s, file=sys.stderr))
+    log = log or say
     sources = list(sources or [None])
     configs = [(t, src) for t in trees for src in sources]
     labels = [config_label(t, src, sources) for t, src in configs]
@@ -442,10 +443,6 @@ class _Refused(Exception):
         self.code = code
 
 
-def _log(s: str):
-    print(s, file=sys.stderr, flush=True)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -459,7 +456,7 @@ def main(argv=None) -> int:
         print(f"eagle3-mlx bench: error: {e}", file=sys.stderr)
         return e.code
     machine = machine_info()
-    _log(f"machine: {describe_machine(machine)}")
+    say(f"machine: {describe_machine(machine)}")
     tree, calibration = choose_tree(engine, args, fixed)
     trees = [tree] + [g for g in grid if tree_label(g) != tree_label(tree)]
     res = run_with_sidecar(engine, prompts, trees, args, settings, records, fixed, grid)
@@ -518,7 +515,7 @@ def resume_records(args, settings) -> List[dict]:
     if not args.resume:
         return []
     if not (sidecar.exists() and sidecar.stat().st_size):
-        _log(f"note: no {sidecar} to resume; starting from scratch")
+        say(f"note: no {sidecar} to resume; starting from scratch")
         return []
     old, records, good = read_sidecar(sidecar)
     if old is None:
@@ -528,7 +525,7 @@ def resume_records(args, settings) -> List[dict]:
         raise _Refused(f"--resume: {sidecar} was written with {'; '.join(diff)}; rerun with the same "
                        "settings, or without --resume to start over", 2)
     if good < sidecar.stat().st_size:
-        _log(f"note: dropping the torn last line of {sidecar}")
+        say(f"note: dropping the torn last line of {sidecar}")
         os.truncate(sidecar, good)
     return records
 
@@ -548,13 +545,13 @@ def choose_tree(engine, args, fixed):
     calibration behind it (None for a fixed tree); seeds hybrid drafting."""
     calibration = None
     if fixed is None:
-        calibration = calibrate(engine, force=args.recalibrate, quick=args.quick_calibration, log=_log)
+        calibration = calibrate(engine, force=args.recalibrate, quick=args.quick_calibration, log=say)
         tree = calibration.spec
-        _log(f"tree: auto -> {tree} (calibrated: expected tau {calibration.choice.tau:.2f}, "
+        say(f"tree: auto -> {tree} (calibrated: expected tau {calibration.choice.tau:.2f}, "
              f"{calibration.choice.speedup:.2f}x)")
     else:
         tree = fixed
-        _log(f"tree: {tree}")
+        say(f"tree: {tree}")
     # hybrid trees rank and size n-gram candidates by what calibration measured
     seed_hybrid(engine, calibration)
     return tree, calibration
@@ -567,7 +564,7 @@ def run_with_sidecar(engine, prompts, trees, args, settings, records, fixed, gri
     sidecar = sidecar_path(args.json) if args.json else None
     n_items = sum(min(args.turns, len(p.turns)) for p in prompts)
     n_cfg = len(trees) * len(sources)
-    _log(f"{n_items} prompt turns x (plain + {n_cfg} speculative configuration{'s' if n_cfg > 1 else ''}: "
+    say(f"{n_items} prompt turns x (plain + {n_cfg} speculative configuration{'s' if n_cfg > 1 else ''}: "
          f"{len(trees)} tree{'s' if len(trees) > 1 else ''} x draft sources {','.join(sources)}), "
          f"max_tokens {args.max_tokens}, temp {args.temp}")
     done = {(r["tree"], r["key"], r["turn"]): r for r in records}
@@ -575,14 +572,14 @@ def run_with_sidecar(engine, prompts, trees, args, settings, records, fixed, gri
               for p in prompts
               for turn in range(1, min(args.turns, len(p.turns)) + 1)}
     if done:
-        _log(f"resume: {len(wanted & done.keys())} of {len(wanted)} rows already in {sidecar}"
+        say(f"resume: {len(wanted & done.keys())} of {len(wanted)} rows already in {sidecar}"
              + (f" ({len(done.keys() - wanted)} others there are outside this selection and not reported)"
                 if done.keys() - wanted else ""))
     mode = {"tree": "auto" if fixed is None else "fixed", "grid": bool(grid)}
     f = None
     if sidecar:
         if not args.resume and sidecar.exists():
-            _log(f"note: replacing {sidecar} from an earlier run (pass --resume to continue it instead)")
+            say(f"note: replacing {sidecar} from an earlier run (pass --resume to continue it instead)")
         sidecar.parent.mkdir(parents=True, exist_ok=True)
         f = open(sidecar, "a" if args.resume else "w", encoding="utf-8")
         if f.tell() == 0:
@@ -590,13 +587,13 @@ def run_with_sidecar(engine, prompts, trees, args, settings, records, fixed, gri
     try:
         return run_bench(engine, prompts, trees=trees, turns=args.turns, max_tokens=args.max_tokens,
                          temp=args.temp, seed=args.seed, warmup=not args.no_warmup,
-                         progress=not args.no_progress, system=args.system, log=_log, done=done,
+                         progress=not args.no_progress, system=args.system, log=say, done=done,
                          on_row=(lambda rec: append_line(f, {**rec, "mode": mode})) if f else None,
                          sources=sources)
     except KeyboardInterrupt:
         if f is None:
             raise
-        _log(f"interrupted: finished prompts are in {sidecar}; rerun with --resume to continue")
+        say(f"interrupted: finished prompts are in {sidecar}; rerun with --resume to continue")
         return None
     finally:
         if f is not None:

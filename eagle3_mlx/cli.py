@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from .console import say
+
 COMMANDS = {
     "generate": ("eagle3_mlx.cli", "generate_main", "generate text with speculative decoding"),
     "convert": ("eagle3_mlx.convert.cli", "main", "convert a target model or an EAGLE-3 head to MLX"),
@@ -119,7 +121,7 @@ def generate_main(argv):
                           draft_source=args.draft_source, draft_feedback=args.draft_feedback)
         tuner = None
         if not args.no_spec and engine.head is not None:
-            spec = apply_tree(engine, args.tree, log=lambda m: print(m, file=sys.stderr))
+            spec = apply_tree(engine, args.tree, log=say)
             print(f"draft tree: {spec}", file=sys.stderr)
             tuner = auto_tuner(engine, args.tree, every=RUN_TUNE_STEPS)
         if not args.ignore_chat_template and engine.tokenizer.chat_template is not None:
@@ -139,7 +141,7 @@ def generate_main(argv):
             print("=" * 10, file=sys.stderr)
             print(format_stats(run.last, run.ttft_ms), file=sys.stderr)
         # --tree auto: this run's acceptance refreshes the cached calibration
-        finish_run_tuning(tuner, log=lambda m: print(m, file=sys.stderr))
+        finish_run_tuning(tuner, log=say)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"eagle3-mlx generate: error: {e}", file=sys.stderr)
         return 1

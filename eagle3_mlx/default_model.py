@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from .console import say
 from .files import staged_dir
 from .platform import cache_home
 
@@ -200,7 +201,7 @@ def ensure_default_model(cache_dir=None, progress: bool = True, *, dtype: Option
 
     dtype = dtype or default_dtype()
     if log is None:
-        log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
+        log = say if progress else (lambda m: None)
     final = default_model_dir(cache_dir, dtype)
 
     def done() -> bool:

@@ -31,9 +31,10 @@ import hashlib
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Callable, Optional
+
+from .console import say
 
 MANIFEST = "eagle3-mlx-cache.json"
 #: Bump when converted output changes for the same source and options.
@@ -49,10 +50,6 @@ class HubCacheError(FileNotFoundError):
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-
-
-def _say(msg: str):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def fetch(spec: str, patterns: Optional[list] = None) -> Path:
@@ -165,7 +162,7 @@ def check_entry(directory: Path) -> Optional[str]:
 
 
 def cached_conversion(kind: str, spec: str, src: Path, options: dict,
-                      convert: Callable[[Path], None], *, log=_say) -> Path:
+                      convert: Callable[[Path], None], *, log=say) -> Path:
     """The cache entry for (spec, src's revision, options), converting with
     ``convert(stage_dir)`` when it is missing or corrupt."""
     from .default_model import _lock
@@ -194,7 +191,7 @@ def cached_conversion(kind: str, spec: str, src: Path, options: dict,
 # Heads
 
 
-def resolve_head(spec: str, *, dtype: Optional[str] = None, target_config=None, log=_say) -> Path:
+def resolve_head(spec: str, *, dtype: Optional[str] = None, target_config=None, log=say) -> Path:
     """An MLX head directory for ``spec`` (a directory or repo id in any
     published head layout), converted once into the cache if needed.
     ``target_config`` (a target's ``config.json`` path, optional): the head is
@@ -241,7 +238,7 @@ def _convert_head_into(src: Path, stage: Path, dtype, log, target=None):
 # Targets
 
 
-def resolve_model(spec: str, *, log=_say) -> Path:
+def resolve_model(spec: str, *, log=say) -> Path:
     """A directory ``mlx_lm.load`` opens: MLX or Hugging Face safetensors repos
     as they are; ``.bin``-only repos and ``.gguf`` files converted once."""
     src = fetch(str(spec))

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from eagle3_mlx.console import say
+
 from .errors import ChatSetupError
 
 USAGE_HINT = (
@@ -214,7 +216,7 @@ def smoke(args) -> int:
     print()
     if run.last is not None:
         print(format_stats(run.last, run.ttft_ms))
-    finish_run_tuning(tuner, log=lambda m: print(m, file=sys.stderr))
+    finish_run_tuning(tuner, log=say)
     return 0
 
 
