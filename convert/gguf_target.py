@@ -32,7 +32,6 @@ rename and ``--force``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import warnings

@@ -361,8 +361,6 @@ class HeadSource:
                                          f"{'have' if attn_bias else 'have no'} q_proj.bias")
         if attn_bias and "layers.0.self_attn.o_proj.bias" not in w:
             # Qwen2-style: q/k/v biases only; o_proj gets a zero bias.
-            import mlx.core as mx
-
             for i in range(n_layers):
                 w[f"layers.{i}.self_attn.o_proj.bias"] = mx.zeros((H,), dtype=w["fc.weight"].dtype)
         feedback = _feedback(cfg, self.layout, feedback, self.log)

@@ -317,7 +317,6 @@ class Engine:
         eos = tok.eos_token_ids
         detok = tok.detokenizer
         detok.reset()
-        spec = self.spec
 
         tic = time.perf_counter()
         last_logits, feats, start = self._prefill(ids)

@@ -189,7 +189,7 @@ def make_tiny_target(path, family: str = "llama", *, seed: int = 0, tokenizer_ki
     ``layer_scale`` (default: ``weight_scale``) sets the spread of the decoder
     layers' weights; a small value makes the next token depend mostly on the
     current one, which oracle heads in tests can then predict."""
-    from mlx_lm.utils import _get_classes, save_config, save_model
+    from mlx_lm.utils import _get_classes, save_config
 
     path = Path(path)
     make_tokenizer(path, vocab_size=vocab_size, kind=tokenizer_kind)

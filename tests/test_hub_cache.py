@@ -4,7 +4,6 @@ entry, never cache a half-finished conversion."""
 
 import json
 import shutil
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np

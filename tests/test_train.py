@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from eagle3_mlx.head import Eagle3Head, d2t_from_used, load_head, t2d_from_d2t
+from eagle3_mlx.head import d2t_from_used, load_head, t2d_from_d2t
 from eagle3_mlx.target import TargetModel
 from eagle3_mlx.testing import make_random_head
 from eagle3_mlx.train.data import Sequence, answer_text_counts, iter_json_array
@@ -17,7 +17,7 @@ from eagle3_mlx.train.features import extract_sequence
 from eagle3_mlx.train.trainer import (TrainConfig, Trainer, collate, head_config_for, init_head,
                                       lm_head_rows)
 from eagle3_mlx.train import ttt
-from eagle3_mlx.train.ttt import soft_cross_entropy, ttt_forward, ttt_forward_reference, ttt_loss
+from eagle3_mlx.train.ttt import soft_cross_entropy, ttt_forward, ttt_forward_reference
 from eagle3_mlx.train.vocab import count_tokens, select_vocab, used_from_d2t
 
 FAMILY = "qwen2"

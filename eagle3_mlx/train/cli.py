@@ -264,8 +264,6 @@ def stage_features(run: Run):
 
 
 def make_trainer(run: Run):
-    import numpy as np
-
     from .data import load_prompts
     from .features import FeatureStore
     from .trainer import TrainConfig, Trainer, head_config_for, init_head, lm_head_rows
@@ -427,7 +425,7 @@ def write_model_card(run: Run, out: Path):
     s = json.loads((run.work / "results.json").read_text())
     cfg = s.get("config", {})
     fit, data, vocab = s.get("fit", {}), s.get("data", {}), s.get("vocab", {})
-    feats, wall, ev = s.get("features", {}), s.get("wall", {}), s.get("eval", {})
+    wall, ev = s.get("wall", {}), s.get("eval", {})
     last = fit.get("last") or {}
     acc = last.get("heldout_acc")
     hw = s.get("hardware", {})
