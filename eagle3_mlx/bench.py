@@ -548,7 +548,7 @@ def choose_tree(engine, args, fixed):
         calibration = calibrate(engine, force=args.recalibrate, quick=args.quick_calibration, log=say)
         tree = calibration.spec
         say(f"tree: auto -> {tree} (calibrated: expected tau {calibration.choice.tau:.2f}, "
-             f"{calibration.choice.speedup:.2f}x)")
+            f"{calibration.choice.speedup:.2f}x)")
     else:
         tree = fixed
         say(f"tree: {tree}")
@@ -565,16 +565,16 @@ def run_with_sidecar(engine, prompts, trees, args, settings, records, fixed, gri
     n_items = sum(min(args.turns, len(p.turns)) for p in prompts)
     n_cfg = len(trees) * len(sources)
     say(f"{n_items} prompt turns x (plain + {n_cfg} speculative configuration{'s' if n_cfg > 1 else ''}: "
-         f"{len(trees)} tree{'s' if len(trees) > 1 else ''} x draft sources {','.join(sources)}), "
-         f"max_tokens {args.max_tokens}, temp {args.temp}")
+        f"{len(trees)} tree{'s' if len(trees) > 1 else ''} x draft sources {','.join(sources)}), "
+        f"max_tokens {args.max_tokens}, temp {args.temp}")
     done = {(r["tree"], r["key"], r["turn"]): r for r in records}
     wanted = {(config_label(t, src, sources), prompt_key(p), turn) for t in trees for src in sources
               for p in prompts
               for turn in range(1, min(args.turns, len(p.turns)) + 1)}
     if done:
         say(f"resume: {len(wanted & done.keys())} of {len(wanted)} rows already in {sidecar}"
-             + (f" ({len(done.keys() - wanted)} others there are outside this selection and not reported)"
-                if done.keys() - wanted else ""))
+            + (f" ({len(done.keys() - wanted)} others there are outside this selection and not reported)"
+               if done.keys() - wanted else ""))
     mode = {"tree": "auto" if fixed is None else "fixed", "grid": bool(grid)}
     f = None
     if sidecar:
