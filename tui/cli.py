@@ -185,7 +185,7 @@ def smoke(args) -> int:
     from eagle3_mlx.runs import collect, format_stats
 
     def progress(text, fraction=None):
-        print(text, file=sys.stderr, flush=True)
+        say(text)
 
     from eagle3_mlx.tuning.choose import RUN_TUNE_STEPS, finish_run_tuning
 
