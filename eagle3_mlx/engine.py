@@ -30,6 +30,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from .head import Eagle3Head, HeadError
 from .hybrid import EAGLE, NGRAM, NgramAcceptance, NodeCosts, check_source, merge_tree
 from .ngram import ContextMatcher
+from .recurrent import TreeShape
 from .target import TargetModel, compact_cache, trim_cache
 from .tree import TreeSpec, draft_tree
 from .verify import SamplingParams, choose, greedy_verify, sample_verify
@@ -149,7 +150,7 @@ class Engine:
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self.target.check_kv_bits(kv_bits)    # e.g. gpt_oss's attention sinks: refused now, not mid-answer
         if kv_bits:
-            args = model.args
+            args = self.target.args
             hd = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
             if hd % kv_group_size:
                 raise ValueError(
@@ -221,7 +222,7 @@ class Engine:
         # and the draft row at p also depends on token p+1.
         c = max(0, min(common - 1, len(ids) - 1,
                        self._draft_len if self.head is not None else common))
-        trim_cache(self._tcache, c)
+        c = trim_cache(self._tcache, c)   # a hybrid target may only go back further
         if self._dcache is not None:
             trim_cache(self._dcache, c)
         rest = mx.array(ids[c:], dtype=mx.int32)[None]
@@ -235,6 +236,8 @@ class Engine:
             feats.append(f)
             mx.eval(f, [cc.state for cc in self._tcache])
         self._quantize_cache()
+        if hasattr(self._tcache, "pin"):
+            self._tcache.pin()   # a hybrid target can come back to its prompt's end
         logits, f = self.target.forward(rest[:, n - 1 :], self._tcache)
         feats.append(f)
         self.prompt_tokens_processed += n
@@ -456,10 +459,14 @@ def verify_step(target: TargetModel, cache, tree, offset: int, params: SamplingP
     (path node indices, node tokens as a host list, bonus [1] int32, bonus id,
     target features of the path rows [1, len(path), 3H])."""
     positions = (offset + tree.depths).astype(mx.int32)
+    # A chain runs causally, except on hybrid targets: their linear layers need
+    # one state per node so a part-way rejection rolls back exactly.
+    as_tree = not tree.is_chain or target.is_hybrid
     logits, fts = target.forward(
         tree.tokens[None], cache,
-        tree_mask=None if tree.is_chain else tree.ancestors,
-        positions=None if tree.is_chain else positions,
+        tree_mask=tree.ancestors if as_tree else None,
+        positions=positions if as_tree else None,
+        tree_shape=TreeShape(tree.parents.tolist()) if target.is_hybrid else None,
     )
     logits = logits[0]
     if params.greedy:

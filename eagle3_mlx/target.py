@@ -15,8 +15,10 @@ without the final norm. k = L (the number of decoder layers) is the output of
 the last decoder layer, still before the final norm, as heads such as NVIDIA's
 gpt-oss EAGLE-3 ([24, 30, 36] for L = 36) read it. Default ``[2, L//2, L-3]``.
 
-Families: dense llama/mistral/qwen2/qwen3/gemma3_text, and the mixture-of-experts
-qwen3_moe and gpt_oss. The MoE blocks route each token on its own row (router
+Families: dense llama/mistral/qwen2/qwen3/gemma3_text, the mixture-of-experts
+qwen3_moe and gpt_oss, and the Gated DeltaNet hybrids qwen3_5, qwen3_5_moe and
+qwen3_next (text model, or the text tower of the vision-language wrapper),
+whose linear-attention layers run the tree through :mod:`.recurrent`. The MoE blocks route each token on its own row (router
 top-k and a gather matmul per row), so tree tokens need nothing beyond the tree
 mask and their positions. gpt_oss adds attention sinks (an extra logit per head
 inside ``mx.fast.scaled_dot_product_attention``, combined with whatever mask is
@@ -30,12 +32,14 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
+from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 
 from .compat import default_aux_layer_ids
 from .head import apply_rope
+from .recurrent import DEFAULT_STRATEGY, HybridCache, TreeShape, is_recurrent_layer, tree_layer
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "gpt_oss")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "gpt_oss",
+                         "qwen3_5", "qwen3_5_moe", "qwen3_next")
 
 
 class UnsupportedModelError(ValueError):
@@ -68,9 +72,13 @@ class PositionalRope(nn.Module):
 class TargetModel:
     """An mlx-lm causal LM prepared for EAGLE-3 drafting and tree verification."""
 
-    def __init__(self, model: nn.Module, aux_layer_ids: Optional[Sequence[int]] = None):
+    def __init__(self, model: nn.Module, aux_layer_ids: Optional[Sequence[int]] = None,
+                 recurrent_strategy: str = DEFAULT_STRATEGY):
         self.model = model
-        args = getattr(model, "args", None)
+        # Vision-language wrappers (qwen3_5) keep the text model in language_model.
+        self.text_model = getattr(model, "language_model", model)
+        args = getattr(self.text_model, "args", None)
+        self.args = args
         self.model_type = getattr(model, "model_type", None) or getattr(args, "model_type", "?")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
@@ -97,14 +105,19 @@ class TargetModel:
 
         self.is_gemma = self.model_type.startswith("gemma")
         self.windows = self._layer_windows(args)
+        # Gated DeltaNet layers: a recurrent state instead of keys and values.
+        self.recurrent = [is_recurrent_layer(layer) for layer in self.layers]
+        self.is_hybrid = any(self.recurrent)
+        self.recurrent_strategy = recurrent_strategy
+        attention = [layer for layer, r in zip(self.layers, self.recurrent) if not r]
         # gpt_oss: every attention layer carries per-head sink logits.
-        self.has_sinks = any("sinks" in layer.self_attn for layer in self.layers)
+        self.has_sinks = any("sinks" in layer.self_attn for layer in attention)
         # Wrap each layer's RoPE once per model; adapters created later on the
         # same model share the wrappers' position state.
-        first = self.layers[0].self_attn.rope
+        first = attention[0].self_attn.rope
         self._state = first._state if isinstance(first, PositionalRope) else _PositionState()
         self.supports_tree = True
-        for layer in self.layers:
+        for layer in attention:
             attn = layer.self_attn
             if not isinstance(attn.rope, PositionalRope):
                 attn.rope = PositionalRope(attn.rope, self._state)
@@ -143,8 +156,8 @@ class TargetModel:
         return h
 
     def lm_head(self, h):
-        if "lm_head" in self.model:
-            return self.model.lm_head(h)
+        if "lm_head" in self.text_model:
+            return self.text_model.lm_head(h)
         return self.inner.embed_tokens.as_linear(h)
 
     def check_kv_bits(self, kv_bits: Optional[int]):
@@ -159,13 +172,19 @@ class TargetModel:
         """One full (never rotating) cache per layer: sliding layers get a window
         mask instead, so trimming and compaction stay exact past the window."""
         self.check_kv_bits(kv_bits)
-        if kv_bits:
-            return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in self.layers]
-        return [KVCache() for _ in self.layers]
+
+        def attention_cache():
+            return QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) if kv_bits else KVCache()
+
+        if not self.is_hybrid:
+            return [attention_cache() for _ in self.layers]
+        # Recurrent states stay in full precision; only attention layers quantize.
+        caches = [ArraysCache(size=2) if r else attention_cache() for r in self.recurrent]
+        return HybridCache(caches, attention_index=self.recurrent.index(False))
 
     def check_cache(self, cache):
         for c in cache:
-            if type(c) not in (KVCache, QuantizedKVCache):
+            if type(c) not in (KVCache, QuantizedKVCache, ArraysCache):
                 raise UnsupportedModelError(
                     f"{self.model_type}: cache class {type(c).__name__} cannot be compacted after "
                     "tree acceptance (supported: KVCache, QuantizedKVCache)"
@@ -196,11 +215,14 @@ class TargetModel:
     # -- forward -------------------------------------------------------------------
 
     def forward(self, tokens, cache, *, tree_mask=None, positions=None, logits_rows=None,
-                return_hidden=False):
+                return_hidden=False, tree_shape: Optional[TreeShape] = None):
         """Run the target over ``tokens`` [B, T], appending T rows to ``cache``.
 
         tree_mask: bool [T, T] ancestor-or-self matrix (None: causal).
         positions: int32 [T] absolute RoPE positions for tree nodes (with tree_mask).
+        tree_shape: the tree's parents on the host; hybrid targets need it with
+        a tree mask (their linear layers keep one state per node until
+        :func:`compact_cache` commits the accepted one).
         logits_rows: optional index array/slice of rows to compute logits for.
         Returns (logits, features[B, T, 3*Ht]) and, with return_hidden, the final
         normed hidden states of the logits rows.
@@ -213,7 +235,13 @@ class TargetModel:
         if self.has_sinks and cache is not None and isinstance(cache[0], QuantizedKVCache):
             self.check_kv_bits(cache[0].bits)  # e.g. an engine quantizing after prefill
         T = tokens.shape[1]
-        offset = cache[0].offset if cache is not None else 0
+        offset = cache_offset(cache)
+        hybrid_tree = self.is_hybrid and tree_mask is not None
+        if hybrid_tree and (tree_shape is None or not isinstance(cache, HybridCache)):
+            raise ValueError("a hybrid target's tree forward needs tree_shape and its make_cache()")
+        if isinstance(cache, HybridCache):
+            cache.snapshot()
+        node_states = {}
         masks = self._masks(T, offset, tree_mask, positions)
         h = self.embed(tokens)
         captured = [None] * len(self.aux_layer_ids)
@@ -222,9 +250,19 @@ class TargetModel:
             for i, layer in enumerate(self.layers):
                 for slot in self._capture.get(i, ()):
                     captured[slot] = h
-                h = layer(h, masks[self.windows[i]], cache[i] if cache is not None else None)
+                c = cache[i] if cache is not None else None
+                if self.recurrent[i]:
+                    if hybrid_tree:
+                        h, node_states[i] = tree_layer(layer, h, c, tree_shape,
+                                                       self.recurrent_strategy)
+                    else:
+                        h = layer(h, None, c)
+                else:
+                    h = layer(h, masks[self.windows[i]], c)
         finally:
             self._state.positions = None
+        if hybrid_tree:
+            cache.node_states, cache.node_slot = node_states, tree_shape.slot
         for slot in self._capture.get(self.num_layers, ()):
             captured[slot] = h  # aux id L: the last layer's output, before the final norm
         features = mx.concatenate(captured, axis=-1)
@@ -239,12 +277,23 @@ class TargetModel:
     __call__ = forward
 
 
+def cache_offset(cache) -> int:
+    """Positions a target cache holds (0 for none)."""
+    if cache is None:
+        return 0
+    return cache.offset if isinstance(cache, HybridCache) else cache[0].offset
+
+
 def compact_cache(cache, offset: int, keep: Sequence[int]):
     """Keep rows ``offset + keep`` (relative indices, in order) at
     ``[offset, offset + len(keep))`` and drop the rest. Exact for KVCache and
-    QuantizedKVCache (quantization groups run along head_dim)."""
+    QuantizedKVCache (quantization groups run along head_dim); a hybrid cache's
+    recurrent layers take the states after the last kept node."""
     n = len(keep)
     contiguous = list(keep) == list(range(n))
+    if isinstance(cache, HybridCache):
+        cache.commit(int(keep[-1]))
+        cache = [c for i, c in enumerate(cache) if i not in cache.recurrent]
     for c in cache:
         if not contiguous:
             idx = mx.array([offset + int(k) for k in keep], dtype=mx.int32)
@@ -258,8 +307,13 @@ def compact_cache(cache, offset: int, keep: Sequence[int]):
         c.offset = offset + n
 
 
-def trim_cache(cache, length: int):
-    """Drop rows past ``length``."""
+def trim_cache(cache, length: int) -> int:
+    """Drop rows past ``length``; returns the length kept. A hybrid cache can only
+    go back to a state it kept (see :class:`~.recurrent.HybridCache`), so it may
+    keep fewer."""
+    if isinstance(cache, HybridCache):
+        return cache.rewind(length)
     for c in cache:
         if c.offset > length:
             c.trim(c.offset - length)
+    return length
