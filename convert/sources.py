@@ -173,3 +173,21 @@ class WeightFiles:
                          disable=None if progress else True, leave=False):
             out[k] = t.to_mlx()
         return out
+
+    def load_names(self, names) -> dict:
+        """name -> mx.array for the given tensors only (their files read lazily)."""
+        import mlx.core as mx
+
+        names = list(names)
+        out = {}
+        if self.kind == "safetensors":
+            for f in sorted({self.origin[k] for k in names}):
+                try:
+                    loaded = mx.load(str(f))
+                except Exception as e:
+                    raise ConvertError(f, f"cannot read safetensors ({short(e)})") from None
+                out.update({k: loaded[k] for k in names if self.origin[k] == f})
+            return out
+        for k in names:
+            out[k] = self._lazy[k].to_mlx()
+        return out

@@ -6,6 +6,13 @@ The model itself is mlx-lm's: its classes, ``sanitize`` name mapping,
 ``mlx_lm.convert`` would. What this module adds is reading pickled ``.bin``
 weights safely (no torch, no code execution), integrity checks, and carrying
 the tokenizer files verbatim (chat template included).
+
+Qwen3.5 / Qwen3-Next checkpoints also ship a multi-token-prediction block
+(``mtp.*``) that mlx-lm's ``sanitize`` drops: it is kept in ``mtp.safetensors``
+beside the model (norms shifted by 1 like the model's, cast and quantized like
+it) and recorded under ``"mtp"`` in ``config.json`` with its sha256; see
+:mod:`eagle3_mlx.mtp`. A checkpoint without ``mtp.*`` tensors converts exactly
+as before (no file, no key).
 """
 
 from __future__ import annotations
@@ -131,14 +138,47 @@ def _materialize(model, desc: str):
     mx.eval(model.parameters())
 
 
+def _mtp_names(config: dict, weights: WeightFiles) -> list:
+    """The source's MTP tensors (Qwen3.5 / Qwen3-Next ``mtp.*``), if they can be kept."""
+    from eagle3_mlx.mtp import FAMILIES, mtp_name
+
+    names = [k for k in weights.shapes if mtp_name(k) is not None]
+    if not names or config.get("model_type") not in FAMILIES:
+        return []
+    return names
+
+
+def _keep_mtp(stage: Path, names: list, text_args, weights: WeightFiles, dtype, quant, log) -> dict:
+    """Write the MTP block to ``stage/mtp.safetensors``; return its config entry."""
+    from eagle3_mlx.mtp import MTPError, detect_norm_offset, load_mtp_weights, save_mtp
+
+    offset = detect_norm_offset({k: v for k, v in weights.shapes.items() if k not in set(names)})
+    try:
+        # HF checkpoints store the norms as offsets from 1; mlx-lm's own rule
+        # decides for the model, and the MTP block follows the model.
+        module = load_mtp_weights(weights.load_names(names), text_args,
+                                  norm_offset=True if offset is None else offset)
+    except MTPError as e:
+        raise ConvertError(weights.origin[names[0]], f"MTP weights: {e}") from None
+    info = save_mtp(stage, module, dtype=dtype if dtype in DTYPES else None, quantize=quant)
+    log(f"kept the MTP block: {info['num_layers']} layer(s), {len(names)} tensors -> {info['file']}")
+    return info
+
+
 def convert_target(src: Path, stage: Path, *, config: dict, weights: WeightFiles, dtype=None,
                    quantize=False, q_bits=None, q_group_size=None, q_mode="affine", log=print):
-    """Write the MLX model + config + tokenizer into ``stage`` (an empty dir)."""
+    """Write the MLX model + config + tokenizer into ``stage`` (an empty dir);
+    with ``mtp.*`` tensors in the source, also ``mtp.safetensors``."""
     from mlx_lm.utils import quantize_model, save_config, save_model
 
     from .heads import quant_defaults
 
+    mtp_names = _mtp_names(config, weights)
+    if mtp_names and (config.get("quantization_config") or config.get("quantization")):
+        log("note: the source is pre-quantized; its MTP block (mtp.*) is not kept")
+        mtp_names = []
     model, config = _build_model(src, dict(config), weights)
+    text_args = getattr(getattr(model, "language_model", model), "args", None)
     if dtype is None:
         dtype = config.get("torch_dtype") or config.get("dtype")
         if dtype is None and isinstance(config.get("text_config"), dict):
@@ -146,12 +186,17 @@ def convert_target(src: Path, stage: Path, *, config: dict, weights: WeightFiles
     if dtype in DTYPES:
         log(f"dtype: {dtype}")
         _cast(model, dtype)
+    quant = None
     if quantize:
         gs, bits = quant_defaults(q_mode, q_group_size, q_bits)
+        quant = (gs, bits, q_mode)
         log(f"quantizing: {bits}-bit {q_mode}, group size {gs}")
         model, config = quantize_model(model, config, gs, bits, mode=q_mode)
     _materialize(model, "quantizing" if quantize else "converting")
     save_model(stage, model, donate_model=True)
+    del model
+    if mtp_names:
+        config["mtp"] = _keep_mtp(stage, mtp_names, text_args, weights, dtype, quant, log)
     save_config(config, config_path=stage / "config.json")
     copy_tokenizer(src, stage, log=log)
     return config
