@@ -8,19 +8,24 @@ and mlx-lm's ``gated_delta_update`` returns only the state after the last
 token. A tree node must see the state of *its own* root-to-node path, and after
 acceptance the cache must hold the state after the last *accepted* token.
 
-Both designs here run mlx-lm's own decoder layer (``GatedDeltaNet`` and the
-MLP / MoE after it) unmodified and keep one state per tree node, so the
-commit is a gather, never a re-run:
+Every design here keeps one state per tree node, so the commit is a gather,
+never a re-run:
 
-* ``levels`` — one call per tree depth: the nodes of depth d are batch rows of
-  one token each, their caches gathered from their parents' states. Runs
-  exactly T tokens through the layer, in depth + 1 calls.
-* ``paths`` — one call: every node is a batch row holding its root-to-node
-  path (right-padded, masked, ``lengths`` = depth + 1, as mlx-lm's batched
-  decoding pads). One call, but T x (depth + 1) tokens of work.
+* ``fused`` (default) — mlx-lm's decoder layer runs once over all T nodes
+  (norms, MLP / MoE, and the GatedDeltaNet's projections read their weights
+  once); only the linear attention's two sequential parts follow the tree: the
+  short convolution reads each node's own path window, and mlx-lm's
+  ``gated_delta_update`` runs level by level, each node's state from its
+  parent's.
+* ``levels`` — mlx-lm's decoder layer as a black box, one call per tree depth:
+  the nodes of depth d are batch rows of one token, their caches gathered from
+  their parents' states. Every weight is read depth + 1 times.
+* ``paths`` — one black-box call: every node is a batch row holding its
+  root-to-node path (right-padded, masked, ``lengths`` = depth + 1, as
+  mlx-lm's batched decoding pads). T x (depth + 1) tokens of work.
 
-Which is cheaper depends on the device (work against dispatches); the
-measurements and the default are in ``docs/hybrid-targets.md``.
+Measured on a Qwen3.5-0.8B-shaped target in ``docs/hybrid-targets.md``; the
+two black-box designs stay as references the tests hold ``fused`` to.
 
 Prompt-cache reuse: a recurrent state cannot be cut back to an arbitrary
 prefix, so :class:`HybridCache` keeps references to the states at the start of
@@ -34,10 +39,12 @@ from collections import OrderedDict
 from typing import Optional, Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models.cache import ArraysCache
+from mlx_lm.models.gated_delta import gated_delta_update, normalize_qk
 
-STRATEGIES = ("levels", "paths")
-DEFAULT_STRATEGY = "levels"
+STRATEGIES = ("fused", "levels", "paths")
+DEFAULT_STRATEGY = "fused"
 
 
 def is_recurrent_layer(layer) -> bool:
@@ -137,12 +144,23 @@ class TreeShape:
             p.reverse()
             self.paths.append(p + [i] * (self.max_depth + 1 - len(p)))
 
+    def conv_windows(self, k: int) -> mx.array:
+        """[T, k] rows of concat(conv state (k - 1 rows), node inputs): each
+        node's convolution window along its own path."""
+        rows = []
+        for p in self.paths:
+            seq = list(range(k - 1)) + [k - 1 + n for n in p[: self.depths[p[-1]] + 1]]
+            rows.append(seq[-k:])
+        return mx.array(rows, dtype=mx.int32)
+
 
 def tree_layer(layer, x, cache: ArraysCache, shape: TreeShape, strategy: str = DEFAULT_STRATEGY):
     """Run a linear-attention decoder layer over the tree nodes ``x`` [1, T, H].
 
     Returns (output [1, T, H], (conv, state) per node in level order). The
     cache is left unchanged: the caller commits one node's states."""
+    if strategy == "fused":
+        return _fused(layer, x, cache, shape)
     if strategy == "levels":
         return _by_levels(layer, x, cache, shape)
     if strategy == "paths":
@@ -187,3 +205,73 @@ def _by_paths(layer, x, cache, shape):
     y = y[mx.arange(T), depths]                                 # each node's own row
     order = mx.array(shape.order, dtype=mx.int32)
     return y[None], (c[0][order], c[1][order])
+
+
+def _fused(layer, x, cache, shape):
+    tree_gdn = _TreeGatedDeltaNet(layer.linear_attn, shape)
+    gdn = layer.linear_attn
+    layer.linear_attn = tree_gdn      # the decoder layer itself runs unmodified
+    try:
+        y = layer(x, None, cache)
+    finally:
+        layer.linear_attn = gdn
+    return y, tree_gdn.node_states
+
+
+def _project(gdn, inputs):
+    """The GatedDeltaNet's input projections over all nodes:
+    (conv input [1, T, C], z [1, T, Hv, Dv], b, a [1, T, Hv])."""
+    B, T, _ = inputs.shape
+    if hasattr(gdn, "in_proj_qkvz"):  # qwen3_next: fused projections, per-key-head order
+        q, k, v, z, b, a = gdn.fix_query_key_value_ordering(gdn.in_proj_qkvz(inputs),
+                                                            gdn.in_proj_ba(inputs))
+        qkv = mx.concatenate([t.reshape(B, T, -1) for t in (q, k, v)], axis=-1)
+        return qkv, z, b, a
+    z = gdn.in_proj_z(inputs).reshape(B, T, gdn.num_v_heads, gdn.head_v_dim)
+    return gdn.in_proj_qkv(inputs), z, gdn.in_proj_b(inputs), gdn.in_proj_a(inputs)
+
+
+class _TreeGatedDeltaNet:
+    """Stands in for a layer's GatedDeltaNet during one tree forward: the same
+    weights and mlx-lm's recurrence, with each node's convolution window and
+    recurrent state taken along its own path. Leaves the cache unchanged and
+    keeps every node's states in ``node_states`` (level order)."""
+
+    def __init__(self, gdn, shape: TreeShape):
+        self.gdn, self.shape = gdn, shape
+        self.node_states = None
+
+    def __call__(self, inputs, mask=None, cache=None):
+        g, shape = self.gdn, self.shape
+        T = inputs.shape[1]
+        qkv, z, b, a = _project(g, inputs)
+        K = g.conv_kernel_size
+        conv_state = cache[0] if cache[0] is not None else mx.zeros((1, K - 1, g.conv_dim),
+                                                                    inputs.dtype)
+        windows = mx.concatenate([conv_state[0], qkv[0]], axis=0)[shape.conv_windows(K)]
+        conv_out = nn.silu(g.conv1d(windows))                  # [T, 1, C]: batch rows = nodes
+        q, k, v = [
+            t.reshape(T, 1, h, d)
+            for t, h, d in zip(mx.split(conv_out, [g.key_dim, 2 * g.key_dim], -1),
+                               [g.num_k_heads, g.num_k_heads, g.num_v_heads],
+                               [g.head_k_dim, g.head_k_dim, g.head_v_dim])
+        ]
+        q, k = normalize_qk(q, k, inv_scale=g.head_k_dim**-0.5, eps=1e-6)
+        a, b = a[0][:, None], b[0][:, None]                    # [T, 1, Hv]
+        state = cache[1]
+        outs, states, slot = [], [], {0: 0}
+        for d, nodes in enumerate(shape.levels):
+            idx = mx.array(nodes, dtype=mx.int32)
+            if d:
+                state = state[mx.array([slot[shape.parents[n]] for n in nodes], dtype=mx.int32)]
+            out, state = gated_delta_update(q[idx], k[idx], v[idx], a[idx], b[idx], g.A_log,
+                                            g.dt_bias, state, None, use_kernel=not g.training)
+            outs.append(out)
+            states.append(state)
+            slot = {n: r for r, n in enumerate(nodes)}
+        order = mx.array(shape.order, dtype=mx.int32)
+        inverse = mx.array([shape.slot[i] for i in range(T)], dtype=mx.int32)
+        out = mx.concatenate(outs, axis=0)[inverse].reshape(1, T, g.num_v_heads, g.head_v_dim)
+        self.node_states = (windows[order, 1:], mx.concatenate(states, axis=0))
+        out = g.norm(out, z)
+        return g.out_proj(out.reshape(1, T, -1))

@@ -145,12 +145,12 @@ FAMILY_DEFAULTS = {
                     rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
                                       original_max_position_embeddings=4096)),
     # Gated DeltaNet hybrids: three linear-attention layers per full-attention
-    # layer (8 layers: 6 linear, 2 attention), partial RoPE, gated attention.
-    "qwen3_5": dict(model_type="qwen3_5", num_hidden_layers=8, **_GDN),
-    "qwen3_5_moe": dict(model_type="qwen3_5_moe", num_hidden_layers=8, num_experts=8,
+    # layer (4 layers: 3 linear, 1 attention), partial RoPE, gated attention.
+    "qwen3_5": dict(model_type="qwen3_5", num_hidden_layers=4, **_GDN),
+    "qwen3_5_moe": dict(model_type="qwen3_5_moe", num_hidden_layers=4, num_experts=8,
                         num_experts_per_tok=2, moe_intermediate_size=32,
                         shared_expert_intermediate_size=32, **_GDN),
-    "qwen3_next": dict(model_type="qwen3_next", num_hidden_layers=8, rope_theta=100000.0,
+    "qwen3_next": dict(model_type="qwen3_next", num_hidden_layers=4, rope_theta=100000.0,
                        partial_rotary_factor=0.25, num_experts=8, num_experts_per_tok=2,
                        decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=32,
                        shared_expert_intermediate_size=32, norm_topk_prob=True,
