@@ -32,7 +32,8 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
 
     ``spec_options``: ``top_k``, ``depth``, ``total_tokens``, ``kv_bits``,
     ``kv_group_size``, ``max_context``, ``aux_layer_ids``, ``draft_source``
-    ("eagle", "ngram" or "hybrid"), ``ngram_tokens``, ``ngram_min_score``.
+    ("eagle", "mtp", "ngram" or "hybrid"; a model that ships MTP weights and has
+    no head drafts with its MTP module and n-grams by default), ``ngram_tokens``, ``ngram_min_score``.
     ``model_dtype``: cast the target's floating weights (e.g. ``"float32"`` on a CPU).
     ``tree``: as the CLI's ``--tree``: ``"auto"`` uses the tree calibrated for
     this machine (measured once, about a minute, then cached) and ranks hybrid
@@ -54,18 +55,38 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
     model, tokenizer = mlx_load(str(model_dir))
     if model_dtype:
         cast_floating(model, model_dtype)
-    head = None
+    head = mtp = None
     if draft_path:
         # The target's config settles aux ids that read either way and is
         # checked against the head before the conversion is cached.
         head_dir = resolve_head(draft_path, target_config=model_dir / "config.json", log=log)
         head = load_head(head_dir, feedback=draft_feedback)
-    engine = Engine(model, tokenizer, head, **spec_options)
+    source = spec_options.get("draft_source")
+    if head is None and source != "ngram":
+        mtp = _load_mtp(model_dir, model, source)
+    engine = Engine(model, tokenizer, head, mtp=mtp, **spec_options)
     if tree is not None and head is not None:
         from .tuning.choose import apply_tree
 
         apply_tree(engine, tree, log=log)
     return engine
+
+
+def _load_mtp(model_dir: Path, model, source):
+    """The target's MTP module (the default drafter of a model that ships one and
+    has no head), or None; ``source="mtp"`` without MTP weights is refused in
+    one line before anything else loads."""
+    import json
+
+    from .mtp import load_mtp, mtp_support_problem
+
+    config = json.loads((model_dir / "config.json").read_text())
+    problem = mtp_support_problem(config)
+    mtp = None if problem else load_mtp(model_dir, getattr(model, "language_model", model).args)
+    if mtp is None and source == "mtp":
+        raise ValueError(problem or f"{model_dir}: this model has no MTP weights "
+                         "(draft source 'mtp' needs a checkpoint with mtp.* tensors)")
+    return mtp
 
 
 def cast_floating(module, dtype: str):

@@ -75,8 +75,9 @@ def add_draft_source_arg(p: argparse.ArgumentParser):
     from .hybrid import SOURCES
 
     p.add_argument("--draft-source", choices=SOURCES, default=None,
-                   help="what drafts the tree: the head (eagle), context n-grams (ngram), or both "
-                        "in one tree (hybrid); default: hybrid with a head, ngram without")
+                   help="what drafts the tree: the head (eagle), the model's own MTP module (mtp), "
+                        "context n-grams (ngram), or the head or MTP with n-grams in one tree "
+                        "(hybrid); default: hybrid with a head or MTP weights, ngram without")
 
 
 def add_model_args(p: argparse.ArgumentParser, model_required: bool = False):

@@ -126,17 +126,28 @@ class Engine:
                  kv_bits: Optional[int] = None, kv_group_size: int = 64,
                  max_context: Optional[int] = None, prefill_step_size: int = 512,
                  draft_source: Optional[str] = None, ngram_tokens: int = 12,
-                 ngram_candidates: int = 3, ngram_min_score: float = 0.1):
+                 ngram_candidates: int = 3, ngram_min_score: float = 0.1, mtp=None):
         self.model = model
         self.tokenizer = tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
-        self.head = head
+        if mtp is not None and head is not None:
+            raise ValueError("an EAGLE-3 head and an MTP module cannot draft together yet; "
+                             "give one of them")
         aux = aux_layer_ids or (head.config.aux_layer_ids if head is not None else None)
-        self.target = TargetModel(model, aux)
+        # Without an EAGLE-3 head no aux layers are read (MTP reads the final state).
+        self.target = TargetModel(model, aux, final_features=head is None)
         if head is not None:
             check_compatible(head, self.target)
             match_head_dtype(head, self.target)
-        self.draft_source = check_source(draft_source or ("hybrid" if head is not None else "ngram"),
-                                         head is not None)
+        if mtp is not None:
+            from .mtp_draft import MTPDrafter
+
+            head = MTPDrafter(mtp, self.target)
+        self.head = head
+        # The model drafter's name: "eagle" (EAGLE-3 head) or "mtp"; its accepted
+        # tokens are counted under source "eagle" either way.
+        self.drafter = getattr(head, "kind", "eagle")
+        self.draft_source = draft_source or ("hybrid" if head is not None else "ngram")
+        check_source(self.draft_source, head is not None, self.drafter)
         if not isinstance(ngram_tokens, int) or ngram_tokens < 1:
             raise ValueError(f"ngram_tokens must be a positive integer, got {ngram_tokens!r}")
         self.ngram_tokens, self.ngram_candidates = ngram_tokens, ngram_candidates
@@ -260,7 +271,8 @@ class Engine:
                         cancel=None, repetition_penalty: Optional[float] = None,
                         seed: Optional[int] = None,
                         draft_source: Optional[str] = None) -> Iterator[GenerationResponse]:
-        source = check_source(draft_source or self.draft_source, self.head is not None)
+        source = check_source(draft_source or self.draft_source, self.head is not None,
+                              self.drafter)
         if repetition_penalty not in (None, 1.0) and speculative:
             raise ValueError(
                 "repetition_penalty is not supported with speculative decoding (it would "

@@ -46,17 +46,23 @@ from .ngram import Candidate
 from .tree import DraftTree
 
 EAGLE, NGRAM = 1, 2          # source bits of a node; 3 = proposed by both
-SOURCES = ("eagle", "ngram", "hybrid")
+SOURCES = ("eagle", "mtp", "ngram", "hybrid")
 _DEPTH_TIEBREAK = 1e-3       # as in tree.py: a parent outranks its children on ties
 
 
-def check_source(source: str, has_head: bool) -> str:
+def check_source(source: str, has_head: bool, drafter: str = "eagle") -> str:
+    """The source as the engine runs it: "eagle" is the model drafter's slot,
+    filled by an EAGLE-3 head or (``drafter="mtp"``) the target's MTP module."""
     if source not in SOURCES:
         raise ValueError(f"draft source must be one of {', '.join(SOURCES)}, got {source!r}")
-    if source != "ngram" and not has_head:
-        raise ValueError(f"draft source {source!r} needs an EAGLE-3 head (--draft); "
-                         "use 'ngram' to speculate without one")
-    return source
+    if source in ("eagle", "mtp", "hybrid") and not has_head:
+        need = "MTP weights in the model" if source == "mtp" else "an EAGLE-3 head (--draft)"
+        raise ValueError(f"draft source {source!r} needs {need}; use 'ngram' to speculate without one")
+    if source in ("eagle", "mtp") and source != drafter:
+        have = "its MTP module" if drafter == "mtp" else "an EAGLE-3 head"
+        raise ValueError(f"draft source {source!r} is not available: this engine drafts with {have} "
+                         f"(use {drafter!r}, 'ngram' or 'hybrid')")
+    return "eagle" if source == "mtp" else source
 
 
 KINDS = ("first", "later")   # a candidate's first token; any token after an accepted one

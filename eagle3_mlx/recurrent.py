@@ -62,8 +62,10 @@ class HybridCache(list):
         super().__init__(caches)
         self.attention_index = attention_index
         self.recurrent = [i for i, c in enumerate(caches) if isinstance(c, ArraysCache)]
-        self.node_states = None        # {layer: (conv [T', ...], state [T', ...])}, level order
-        self.node_slot = None          # node index -> row in node_states
+        # Last tree forward: {layer: (conv [T, ...] in level order, states)}, the
+        # states one array in level order or a list with one array per level.
+        self.node_states = None
+        self.node_shape: Optional["TreeShape"] = None
         self.snapshots: "OrderedDict[int, list]" = OrderedDict()
         self.pinned: Optional[int] = None
 
@@ -102,7 +104,7 @@ class HybridCache(list):
         for i, c in enumerate(self):
             if i not in self.recurrent and c.offset > pos:
                 c.trim(c.offset - pos)
-        self.node_states = self.node_slot = None
+        self.node_states = self.node_shape = None
         return pos
 
     # -- commit after a tree forward -------------------------------------------
@@ -111,11 +113,17 @@ class HybridCache(list):
         """Recurrent states after tree node ``last_node`` (the deepest accepted)."""
         if self.node_states is None:
             raise RuntimeError("no tree forward to commit (recurrent states would be wrong)")
-        row = self.node_slot[last_node]
+        shape = self.node_shape
+        row = shape.slot[last_node]
+        level = shape.depths[last_node]
+        in_level = shape.levels[level].index(last_node)
         for i, (conv, state) in self.node_states.items():
             self[i][0] = conv[row : row + 1]
-            self[i][1] = state[row : row + 1]
-        self.node_states = self.node_slot = None
+            if isinstance(state, list):
+                self[i][1] = state[level][in_level : in_level + 1]
+            else:
+                self[i][1] = state[row : row + 1]
+        self.node_states = self.node_shape = None
 
 
 class TreeShape:
@@ -272,6 +280,7 @@ class _TreeGatedDeltaNet:
         order = mx.array(shape.order, dtype=mx.int32)
         inverse = mx.array([shape.slot[i] for i in range(T)], dtype=mx.int32)
         out = mx.concatenate(outs, axis=0)[inverse].reshape(1, T, g.num_v_heads, g.head_v_dim)
-        self.node_states = (windows[order, 1:], mx.concatenate(states, axis=0))
+        # Per-level states stay apart: the commit takes one row, no copy of them all.
+        self.node_states = (windows[order, 1:], states)
         out = g.norm(out, z)
         return g.out_proj(out.reshape(1, T, -1))

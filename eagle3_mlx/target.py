@@ -73,8 +73,10 @@ class TargetModel:
     """An mlx-lm causal LM prepared for EAGLE-3 drafting and tree verification."""
 
     def __init__(self, model: nn.Module, aux_layer_ids: Optional[Sequence[int]] = None,
-                 recurrent_strategy: str = DEFAULT_STRATEGY):
+                 recurrent_strategy: str = DEFAULT_STRATEGY, final_features: bool = False):
         self.model = model
+        # MTP drafting reads the final-normed hidden state instead of aux layers.
+        self.final_features = final_features
         # Vision-language wrappers (qwen3_5) keep the text model in language_model.
         self.text_model = getattr(model, "language_model", model)
         args = getattr(self.text_model, "args", None)
@@ -91,7 +93,8 @@ class TargetModel:
         self.hidden_size = args.hidden_size
         self.vocab_size = args.vocab_size
         self.max_position_embeddings = getattr(args, "max_position_embeddings", None)
-        self.aux_layer_ids = list(aux_layer_ids or default_aux_layer_ids(self.num_layers))
+        self.aux_layer_ids = [] if final_features else list(
+            aux_layer_ids or default_aux_layer_ids(self.num_layers))
         for i in self.aux_layer_ids:
             # 0..L-1: input of that layer; L: output of the last layer (pre-norm).
             if not 0 <= i <= self.num_layers:
@@ -262,13 +265,15 @@ class TargetModel:
         finally:
             self._state.positions = None
         if hybrid_tree:
-            cache.node_states, cache.node_slot = node_states, tree_shape.slot
+            cache.node_states, cache.node_shape = node_states, tree_shape
         for slot in self._capture.get(self.num_layers, ()):
             captured[slot] = h  # aux id L: the last layer's output, before the final norm
-        features = mx.concatenate(captured, axis=-1)
-        if logits_rows is not None:
-            h = h[:, logits_rows]
-        hn = self.inner.norm(h)
+        if self.final_features:
+            features = self.inner.norm(h)
+            hn = features if logits_rows is None else features[:, logits_rows]
+        else:
+            features = mx.concatenate(captured, axis=-1)
+            hn = self.inner.norm(h if logits_rows is None else h[:, logits_rows])
         logits = self.lm_head(hn)
         if return_hidden:
             return logits, features, hn

@@ -174,7 +174,7 @@ def test_rollback_to_the_last_verified_node_would_be_caught(hybrid, monkeypatch)
     real = HybridCache.commit
 
     def broken(self, last_node):
-        real(self, max(self.node_slot))  # the deepest node verified, accepted or not
+        real(self, self.node_shape.order[-1])  # the deepest node verified, accepted or not
 
     monkeypatch.setattr(HybridCache, "commit", broken)
     eng = Engine(model, tok, make_oracle_head(model), top_k=1, depth=6, total_tokens=7,

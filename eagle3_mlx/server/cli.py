@@ -1,6 +1,6 @@
 """`eagle3-mlx serve`: command line of the OpenAI-compatible server.
 
-    eagle3-mlx serve [--model M] [--draft D] [--draft-source eagle|ngram|hybrid]
+    eagle3-mlx serve [--model M] [--draft D] [--draft-source eagle|mtp|ngram|hybrid]
                      [--host 127.0.0.1] [--port 8080] [--tree auto|K,D,N]
                      [--api-key KEY] [--max-tokens-limit N] [--queue-size N]
                      [--max-body-bytes N]

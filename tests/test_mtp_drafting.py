@@ -1,0 +1,158 @@
+"""MTP drafting: the target's own multi-token-prediction module drafts chains
+and trees (alone or with context n-grams) under the lossless verifier.
+
+A random MTP module accepts little and stays lossless; an *oracle* module
+(its fc reads only the next token's embedding and its layer is the identity,
+so on a target with weak decoder layers it predicts what the target will say)
+reaches tau well above 1 — the wiring works, not only the exactness. The
+convert -> load path runs on the tiny HF checkpoints of test_mtp_module.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+from test_mtp_module import FAMILY_CFG, convert, write_source
+from test_sampling import chi2_pvalue
+
+from eagle3_mlx import api
+from eagle3_mlx.engine import Engine
+from eagle3_mlx.mtp import MTPModule
+from eagle3_mlx.testing import PROMPTS, make_tiny_target
+from eagle3_mlx.verify import SamplingParams, target_probs
+
+N_PROMPTS, N_TOKENS = 10, 48
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    from mlx_lm import load
+
+    d = tmp_path_factory.mktemp("qwen3_5-mtp")
+    make_tiny_target(d, "qwen3_5", weight_scale=0.5, layer_scale=0.05)
+    return load(str(d))
+
+
+def text_args(model):
+    return model.language_model.args
+
+
+def oracle_mtp(model):
+    args = text_args(model)
+    H = args.hidden_size
+    m = MTPModule(args)
+    new = []
+    for name, p in tree_flatten(m.parameters()):
+        if "norm" in name and name.endswith("weight"):
+            new.append((name, mx.ones_like(p)))
+        elif name == "fc.weight":  # [normed embedding, normed hidden] -> the embedding
+            new.append((name, mx.concatenate([mx.eye(H), mx.zeros((H, H))], axis=1)))
+        else:
+            new.append((name, mx.zeros_like(p)))
+    m.load_weights(new)
+    mx.eval(m.parameters())
+    return m
+
+
+def random_mtp(model, seed=5):
+    mx.random.seed(seed)
+    m = MTPModule(text_args(model))
+    mx.eval(m.parameters())
+    return m
+
+
+def test_mtp_greedy_equals_target(target):
+    model, tok = target
+    plain = [tok.encode(p) for p in PROMPTS[: N_PROMPTS // 2]]
+    refeed = [ids + [int(y) for y, _ in generate_step(mx.array(ids), model, max_tokens=16)] + ids
+              for ids in plain]
+    all_ids = plain + refeed
+    refs = [[int(y) for y, _ in generate_step(mx.array(ids), model, max_tokens=N_TOKENS)]
+            for ids in all_ids]
+    modules = {"oracle": oracle_mtp(model), "random": random_mtp(model)}
+    runs = [("oracle", "mtp", (1, 5, 6)), ("oracle", "mtp", (2, 3, 8)), ("oracle", "mtp", (4, 4, 16)),
+            ("oracle", "hybrid", (2, 3, 8)), ("random", "mtp", (2, 3, 8)),
+            ("random", "hybrid", (1, 4, 5))]
+    taus = {}
+    for name, source, tree in runs:
+        eng = Engine(model, tok, mtp=modules[name], top_k=tree[0], depth=tree[1],
+                     total_tokens=tree[2], draft_source=source)
+        eng.tokenizer.eos_token_ids = set()
+        steps = tokens = 0
+        for ids, ref in zip(all_ids, refs):
+            eng.reset()
+            rs = list(eng.stream_generate(ids, max_tokens=N_TOKENS))
+            assert [r.token for r in rs] == ref, (name, source, tree, ids)
+            steps += rs[-1].steps
+            tokens += rs[-1].generation_tokens
+        taus[(name, source, tree)] = tokens / steps
+    print("\nMTP drafting: " + "; ".join(f"{k[0]} {k[1]} {k[2]}: {N_PROMPTS}/{N_PROMPTS} equal, "
+                                          f"tau {v:.2f}" for k, v in taus.items()))
+    assert taus[("oracle", "mtp", (4, 4, 16))] > 2.5
+    assert taus[("oracle", "mtp", (1, 5, 6))] > 1.8
+    assert taus[("random", "mtp", (2, 3, 8))] < 1.3
+
+
+def test_mtp_sampling_follows_target(tmp_path):
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    V, runs = 16, 1000
+    make_tiny_target(tmp_path, "qwen3_5", tokenizer_kind="word", vocab_size=V, weight_scale=0.25)
+    model, tok = load(str(tmp_path))
+    params = SamplingParams(temp=1.0)
+    prompt = [5, 9, 3, 12]
+
+    def probs(seqs):
+        logits = model(mx.array(seqs), cache=make_prompt_cache(model))
+        return np.array(target_probs(logits[:, -1], params))
+
+    p1 = probs([prompt])[0]
+    p2 = p1 @ probs([prompt + [x] for x in range(V)])
+    eng = Engine(model, tok, mtp=oracle_mtp(model), top_k=3, depth=2, total_tokens=8,
+                 draft_source="mtp")
+    eng.tokenizer.eos_token_ids = set()
+    mx.random.seed(99)
+    c1, c2 = np.zeros(V), np.zeros(V)
+    drafted = 0
+    for _ in range(runs):
+        rs = list(eng.stream_generate(prompt, max_tokens=2, temp=params.temp))
+        c1[rs[0].token] += 1
+        c2[rs[1].token] += 1
+        drafted += rs[1].from_draft
+    pv1, pv2 = chi2_pvalue(c1, p1), chi2_pvalue(c2, p2)
+    print(f"\nMTP sampling: p-values {pv1:.3f}, {pv2:.3f}; second token drafted {drafted}/{runs}")
+    assert pv1 > 0.01 and pv2 > 0.01
+    assert 0.05 * runs < drafted < 0.95 * runs
+
+
+def test_converted_model_drafts_with_its_mtp_by_default(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "mlx"
+    write_source(src, FAMILY_CFG["qwen3_5"])
+    assert convert(src, out, "--dtype", "float32") == 0
+    eng = api.load(str(out))
+    assert eng.drafter == "mtp" and eng.draft_source == "hybrid"   # MTP + n-grams
+    ids = eng.encode(PROMPTS[3])
+    eng.tokenizer.eos_token_ids = set()
+    spec = [r.token for r in eng.stream_generate(ids, max_tokens=24)]
+    eng.reset()
+    assert spec == [r.token for r in eng.stream_generate(ids, max_tokens=24, speculative=False)]
+    assert api.load(str(out), draft_source="mtp").drafter == "mtp"
+    with pytest.raises(ValueError, match="not available"):
+        api.load(str(out), draft_source="eagle")
+
+
+def test_mtp_source_without_mtp_weights_is_one_line(tmp_path, target):
+    src, out = tmp_path / "src", tmp_path / "mlx"
+    write_source(src, FAMILY_CFG["qwen3_5"], mtp=False)
+    assert convert(src, out, "--dtype", "float32") == 0
+    assert api.load(str(out)).drafter == "eagle" and api.load(str(out)).head is None
+    with pytest.raises(ValueError) as e:
+        api.load(str(out), draft_source="mtp")
+    assert "\n" not in str(e.value) and "no MTP weights" in str(e.value)
+    model, tok = target
+    with pytest.raises(ValueError, match="cannot draft together"):
+        from eagle3_mlx.testing import make_random_head
+
+        Engine(model, tok, make_random_head(model), mtp=oracle_mtp(model))
