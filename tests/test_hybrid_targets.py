@@ -75,11 +75,10 @@ def test_greedy_equals_target(family, hybrid):
     model, tok = hybrid(family)
     all_ids, refs = prompts_and_refs(model, tok)
     oracle = make_oracle_head(model)
-    runs = [("eagle", oracle, t, "levels") for t in (CHAIN, BUSHY, WIDE, DEEP)]
-    runs += [("ngram", None, CHAIN, "levels"), ("hybrid", oracle, WIDE, "levels")]
-    if family == "qwen3_5":  # the other recurrent design, and a head that rarely agrees
-        runs += [("hybrid", oracle, DEEP, "paths"),
-                 ("eagle", make_random_head(model, draft_vocab_size=200), BUSHY, "levels")]
+    runs = [("eagle", oracle, t, "fused") for t in (CHAIN, BUSHY, WIDE, DEEP)]
+    runs += [("ngram", None, CHAIN, "fused"), ("hybrid", oracle, WIDE, "fused")]
+    if family == "qwen3_5":  # the black-box designs the fused one is held to
+        runs += [("hybrid", oracle, DEEP, "levels"), ("hybrid", oracle, DEEP, "paths")]
     report = {}
     for source, head, tree, strategy in runs:
         eng = Engine(model, tok, head, top_k=tree[0], depth=tree[1], total_tokens=tree[2],
@@ -91,9 +90,9 @@ def test_greedy_equals_target(family, hybrid):
     print(f"\n{family}: " + "; ".join(f"{k}: {N_PROMPTS}/{N_PROMPTS} equal, tau {v[0]:.2f}"
                                       for k, v in report.items()))
     # Long acceptances happen (commit after many nodes) for heads and n-grams alike.
-    assert max(v[0] for k, v in report.items() if "eagle" in k) > 1.7
-    assert report[f"{family} ngram {CHAIN} levels"][0] > 1.15
-    assert report[f"{family} hybrid {WIDE} levels"][0] > 2.0
+    assert max(v[0] for k, v in report.items() if "eagle" in k) > 1.3
+    assert report[f"{family} ngram {CHAIN} fused"][0] > 1.3
+    assert report[f"{family} hybrid {WIDE} fused"][0] > 2.5
 
 
 def _random_trees(rng):
@@ -257,7 +256,7 @@ def test_quantized_kv_applies_to_attention_layers_only(hybrid):
     t = TargetModel(model)
     cache = t.make_cache(kv_bits=8, kv_group_size=32)
     kinds = {type(c).__name__ for i, c in enumerate(cache) if i in cache.recurrent}
-    assert kinds == {"ArraysCache"} and len(cache.recurrent) == 6
+    assert kinds == {"ArraysCache"} and len(cache.recurrent) == 3
     assert {type(c).__name__ for i, c in enumerate(cache) if i not in cache.recurrent} == {
         "QuantizedKVCache"}
     ids = tok.encode(PROMPTS[2])
