@@ -65,7 +65,7 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
     if head is None and source != "ngram":
         mtp = _load_mtp(model_dir, model, source)
     engine = Engine(model, tokenizer, head, mtp=mtp, **spec_options)
-    if tree is not None and head is not None:
+    if tree is not None and engine.head is not None:   # an EAGLE-3 head or the MTP module
         from .tuning.choose import apply_tree
 
         apply_tree(engine, tree, log=log)

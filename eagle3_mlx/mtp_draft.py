@@ -34,6 +34,7 @@ class MTPDrafter:
         V = target.vocab_size
         self.config = SimpleNamespace(draft_vocab_size=V, vocab_size=V, aux_layer_ids=None,
                                       quantization=None)
+        self.d2t = mx.zeros((V,), dtype=mx.int32)   # the draft vocabulary is the target's
         self._state = _PositionState()
         for layer in mtp.layers:
             attn = layer.self_attn
@@ -56,6 +57,8 @@ class MTPDrafter:
         """As :meth:`Eagle3Head.__call__`: ``positions`` is the first row's position
         under a causal mask, or the one position every row of a tree level has."""
         T = embeddings.shape[1]
+        if positions is None:
+            positions = cache[0].offset if cache else 0
         if isinstance(mask, str):  # causal: consecutive positions
             pos = mx.arange(positions, positions + T, dtype=mx.int32)
         else:

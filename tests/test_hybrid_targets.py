@@ -11,13 +11,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
-from test_sampling import chi2_pvalue
+from _sampling_check import first_two_tokens
 
 from eagle3_mlx.engine import Engine
 from eagle3_mlx.recurrent import STRATEGIES, HybridCache, TreeShape
 from eagle3_mlx.target import TargetModel, compact_cache
 from eagle3_mlx.testing import PROMPTS, make_oracle_head, make_random_head, make_tiny_target
-from eagle3_mlx.verify import SamplingParams, target_probs
 
 FAMILIES = ["qwen3_5", "qwen3_5_moe", "qwen3_next"]
 CHAIN, BUSHY, WIDE, DEEP = (1, 6, 7), (2, 3, 8), (4, 4, 16), (2, 7, 14)
@@ -220,31 +219,12 @@ def test_sampling_follows_target(tmp_path):
     """Chi-square as tests/test_sampling.py: the first two sampled tokens of a
     hybrid target follow its distribution, the second often drafted."""
     from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache
 
     make_tiny_target(tmp_path, "qwen3_5", tokenizer_kind="word", vocab_size=V, weight_scale=0.25)
     model, tok = load(str(tmp_path))
-    params = SamplingParams(temp=1.0)
-    prompt = [5, 9, 3, 12]
-
-    def probs(seqs):  # mlx-lm's own forward with its own caches
-        logits = model(mx.array(seqs), cache=make_prompt_cache(model))
-        return np.array(target_probs(logits[:, -1], params))
-
-    p1 = probs([prompt])[0]
-    p2 = p1 @ probs([prompt + [x] for x in range(V)])
     head = make_random_head(model, seed=7, weight_scale=0.3)
     eng = Engine(model, tok, head, top_k=3, depth=2, total_tokens=8, draft_source="eagle")
-    eng.tokenizer.eos_token_ids = set()
-    mx.random.seed(1234)
-    c1, c2 = np.zeros(V), np.zeros(V)
-    drafted = 0
-    for _ in range(N_RUNS):
-        rs = list(eng.stream_generate(prompt, max_tokens=2, temp=params.temp))
-        c1[rs[0].token] += 1
-        c2[rs[1].token] += 1
-        drafted += rs[1].from_draft
-    pv1, pv2 = chi2_pvalue(c1, p1), chi2_pvalue(c2, p2)
+    pv1, pv2, drafted = first_two_tokens(model, eng, [5, 9, 3, 12], V, N_RUNS, seed=1234)
     print(f"\nqwen3_5 sampling: p-values first {pv1:.3f}, second {pv2:.3f}; "
           f"second token from draft in {drafted}/{N_RUNS} runs")
     assert pv1 > 0.01 and pv2 > 0.01

@@ -9,18 +9,16 @@ convert -> load path runs on the tiny HF checkpoints of test_mtp_module.
 """
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from test_mtp_module import FAMILY_CFG, convert, write_source
-from test_sampling import chi2_pvalue
+from _sampling_check import first_two_tokens
 
 from eagle3_mlx import api
 from eagle3_mlx.engine import Engine
 from eagle3_mlx.mtp import MTPModule
 from eagle3_mlx.testing import PROMPTS, make_tiny_target
-from eagle3_mlx.verify import SamplingParams, target_probs
 
 N_PROMPTS, N_TOKENS = 10, 48
 
@@ -96,48 +94,39 @@ def test_mtp_greedy_equals_target(target):
 
 def test_mtp_sampling_follows_target(tmp_path):
     from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache
 
     V, runs = 16, 1000
     make_tiny_target(tmp_path, "qwen3_5", tokenizer_kind="word", vocab_size=V, weight_scale=0.25)
     model, tok = load(str(tmp_path))
-    params = SamplingParams(temp=1.0)
-    prompt = [5, 9, 3, 12]
-
-    def probs(seqs):
-        logits = model(mx.array(seqs), cache=make_prompt_cache(model))
-        return np.array(target_probs(logits[:, -1], params))
-
-    p1 = probs([prompt])[0]
-    p2 = p1 @ probs([prompt + [x] for x in range(V)])
     eng = Engine(model, tok, mtp=oracle_mtp(model), top_k=3, depth=2, total_tokens=8,
                  draft_source="mtp")
-    eng.tokenizer.eos_token_ids = set()
-    mx.random.seed(99)
-    c1, c2 = np.zeros(V), np.zeros(V)
-    drafted = 0
-    for _ in range(runs):
-        rs = list(eng.stream_generate(prompt, max_tokens=2, temp=params.temp))
-        c1[rs[0].token] += 1
-        c2[rs[1].token] += 1
-        drafted += rs[1].from_draft
-    pv1, pv2 = chi2_pvalue(c1, p1), chi2_pvalue(c2, p2)
+    pv1, pv2, drafted = first_two_tokens(model, eng, [5, 9, 3, 12], V, runs, seed=99)
     print(f"\nMTP sampling: p-values {pv1:.3f}, {pv2:.3f}; second token drafted {drafted}/{runs}")
     assert pv1 > 0.01 and pv2 > 0.01
     assert 0.05 * runs < drafted < 0.95 * runs
 
 
 def test_converted_model_drafts_with_its_mtp_by_default(tmp_path):
+    """HF checkpoint with mtp.* -> convert (weights kept, checksummed: see
+    test_mtp_module) -> load: MTP + n-grams by default, and every MTP tree
+    shape equals mlx-lm's greedy decoding of the converted model."""
+    from mlx_lm import load
+
     src, out = tmp_path / "src", tmp_path / "mlx"
     write_source(src, FAMILY_CFG["qwen3_5"])
     assert convert(src, out, "--dtype", "float32") == 0
     eng = api.load(str(out))
     assert eng.drafter == "mtp" and eng.draft_source == "hybrid"   # MTP + n-grams
-    ids = eng.encode(PROMPTS[3])
+    model, _ = load(str(out))
     eng.tokenizer.eos_token_ids = set()
-    spec = [r.token for r in eng.stream_generate(ids, max_tokens=24)]
-    eng.reset()
-    assert spec == [r.token for r in eng.stream_generate(ids, max_tokens=24, speculative=False)]
+    prompts = [eng.encode(p) for p in PROMPTS[:4]]
+    refs = [[int(y) for y, _ in generate_step(mx.array(ids), model, max_tokens=32)] for ids in prompts]
+    for source, tree in [("hybrid", (2, 3, 8)), ("mtp", (1, 4, 5)), ("mtp", (2, 3, 8)),
+                         ("mtp", (4, 3, 12))]:
+        eng.set_tree(*tree)
+        for ids, ref in zip(prompts, refs):
+            eng.reset()
+            assert [r.token for r in eng.stream_generate(ids, max_tokens=32, draft_source=source)] == ref
     assert api.load(str(out), draft_source="mtp").drafter == "mtp"
     with pytest.raises(ValueError, match="not available"):
         api.load(str(out), draft_source="eagle")

@@ -1,6 +1,6 @@
 """`eagle3-mlx chat`: command line of the terminal chat.
 
-    eagle3-mlx chat [--model M] [--draft D] [--draft-source eagle|ngram|hybrid]
+    eagle3-mlx chat [--model M] [--draft D] [--draft-source eagle|mtp|ngram|hybrid]
                     [--system TEXT] [--temp T] [--top-p P]
                     [--max-tokens N] [--top-k-tree K --depth D --total-tokens N]
                     [--plain] [--smoke "question"]

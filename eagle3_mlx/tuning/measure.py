@@ -193,7 +193,8 @@ def generate_continuations(engine, prompts: Sequence[str], max_tokens: int,
                     overhead.append((now - last_t) * 1000 - r.draft_ms - r.verify_ms)
                 last_t = now
 
-        run = collect(engine.stream_generate(ids, max_tokens=max_tokens, temp=0.0, draft_source="eagle"),
+        run = collect(engine.stream_generate(ids, max_tokens=max_tokens, temp=0.0,
+                                             draft_source=engine.drafter),
                       on_response=step_overhead)
         out.append((ids, run.tokens))
         if log and run.last is not None:
