@@ -245,7 +245,7 @@ class Engine:
             chunk = rest[:, s : min(s + self.prefill_step_size, n - 1)]
             _, f = self.target.forward(chunk, self._tcache, logits_rows=slice(0, 0))
             feats.append(f)
-            mx.eval(f, [cc.state for cc in self._tcache])
+            mx.eval(f, [cc.state for cc in self._tcache if cc is not None])
         self._quantize_cache()
         if hasattr(self._tcache, "pin"):
             self._tcache.pin()   # a hybrid target can come back to its prompt's end

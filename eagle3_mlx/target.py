@@ -18,7 +18,11 @@ gpt-oss EAGLE-3 ([24, 30, 36] for L = 36) read it. Default ``[2, L//2, L-3]``.
 Families: dense llama/mistral/qwen2/qwen3/gemma3_text, the mixture-of-experts
 qwen3_moe and gpt_oss, and the Gated DeltaNet hybrids qwen3_5, qwen3_5_moe and
 qwen3_next (text model, or the text tower of the vision-language wrapper),
-whose linear-attention layers run the tree through :mod:`.recurrent`. The MoE blocks route each token on its own row (router
+whose linear-attention layers run the tree through :mod:`.recurrent`; and
+gemma4_text (dense and MoE): per-layer input embeddings, computed by mlx-lm's
+own model for the step's tokens, and KV-shared layers, which attend over the
+keys and values their source layer returned this forward (prefix + tree rows,
+so the same tree mask applies; they have no cache of their own to compact). The MoE blocks route each token on its own row (router
 top-k and a gather matmul per row), so tree tokens need nothing beyond the tree
 mask and their positions. gpt_oss adds attention sinks (an extra logit per head
 inside ``mx.fast.scaled_dot_product_attention``, combined with whatever mask is
@@ -39,7 +43,7 @@ from .head import apply_rope
 from .recurrent import DEFAULT_STRATEGY, HybridCache, TreeShape, is_recurrent_layer, tree_layer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "gpt_oss",
-                         "qwen3_5", "qwen3_5_moe", "qwen3_next")
+                         "qwen3_5", "qwen3_5_moe", "qwen3_next", "gemma4_text")
 
 
 class UnsupportedModelError(ValueError):
@@ -107,6 +111,12 @@ class TargetModel:
             self._capture.setdefault(i, []).append(slot)
 
         self.is_gemma = self.model_type.startswith("gemma")
+        # gemma4: layers that read another layer's keys and values (no cache).
+        self.kv_source = list(getattr(self.inner, "previous_kvs", range(self.num_layers)))
+        self.has_kv = [getattr(layer.self_attn, "has_kv", True) if "self_attn" in layer else True
+                       for layer in self.layers]
+        self.per_layer_inputs = bool(getattr(self.inner, "hidden_size_per_layer_input", 0))
+        self.softcap = getattr(self.text_model, "final_logit_softcapping", None)
         self.windows = self._layer_windows(args)
         # Gated DeltaNet layers: a recurrent state instead of keys and values.
         self.recurrent = [is_recurrent_layer(layer) for layer in self.layers]
@@ -143,6 +153,10 @@ class TargetModel:
             # which cannot rewind once it wraps; a full cache + window mask can.
             return [args.sliding_window if t == "sliding_attention" else None
                     for t in self.inner.layer_types]
+        if self.model_type == "gemma4_text":
+            # KV-shared layers read their source's keys, which have its window.
+            return [args.sliding_window if t == "sliding_attention" else None
+                    for t in args.layer_types]
         if self.model_type in ("qwen2", "qwen3", "qwen3_moe"):
             # mlx-lm's qwen2/qwen3/qwen3_moe attend over the full context.
             return [None] * L
@@ -154,17 +168,29 @@ class TargetModel:
 
     def embed(self, tokens):
         h = self.inner.embed_tokens(tokens)
+        if self.model_type == "gemma4_text":
+            return h * self.inner.embed_scale
         if self.is_gemma:
             h = h * mx.array(self.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
         return h
 
     def lm_head(self, h):
         if "lm_head" in self.text_model:
-            return self.text_model.lm_head(h)
-        return self.inner.embed_tokens.as_linear(h)
+            logits = self.text_model.lm_head(h)
+        else:
+            logits = self.inner.embed_tokens.as_linear(h)
+        if self.softcap is not None:
+            logits = mx.tanh(logits / self.softcap) * self.softcap
+        return logits
 
     def check_kv_bits(self, kv_bits: Optional[int]):
         """Refuse a quantized KV cache the model cannot attend over (one line)."""
+        if kv_bits and not all(self.has_kv):
+            raise UnsupportedModelError(
+                f"{self.model_type}: a quantized KV cache (kv_bits={kv_bits}) is not supported: "
+                "its KV-shared layers attend over another layer's keys without a cache of their own; "
+                "use an unquantized KV cache"
+            )
         if kv_bits and self.has_sinks:
             raise UnsupportedModelError(
                 f"{self.model_type}: a quantized KV cache (kv_bits={kv_bits}) is not supported: "
@@ -180,7 +206,7 @@ class TargetModel:
             return QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) if kv_bits else KVCache()
 
         if not self.is_hybrid:
-            return [attention_cache() for _ in self.layers]
+            return [attention_cache() if kv else None for kv in self.has_kv]
         # Recurrent states stay in full precision; only attention layers quantize.
         caches = [ArraysCache(size=2) if r else attention_cache() for r in self.recurrent]
         return HybridCache(caches, attention_index=self.recurrent.index(False))
@@ -247,6 +273,13 @@ class TargetModel:
         node_states = {}
         masks = self._masks(T, offset, tree_mask, positions)
         h = self.embed(tokens)
+        extras = [{} for _ in self.layers]
+        if self.per_layer_inputs:   # gemma4: a small embedding per layer, mlx-lm's own
+            pli = self.inner._project_per_layer_inputs(h, self.inner._get_per_layer_inputs(tokens))
+            for i, e in enumerate(extras):
+                e["per_layer_input"] = pli[:, :, i, :]
+        shared = self.model_type == "gemma4_text"
+        kvs = [(None, None)] * self.num_layers
         captured = [None] * len(self.aux_layer_ids)
         self._state.positions = positions if tree_mask is not None else None
         try:
@@ -260,6 +293,11 @@ class TargetModel:
                                                        self.recurrent_strategy)
                     else:
                         h = layer(h, None, c)
+                elif shared:
+                    prev_kv, prev_offset = kvs[self.kv_source[i]]
+                    h, kv, off = layer(h, masks[self.windows[i]], c, shared_kv=prev_kv,
+                                       offset=prev_offset, **extras[i])
+                    kvs[i] = (kv, off)
                 else:
                     h = layer(h, masks[self.windows[i]], c)
         finally:
@@ -299,7 +337,7 @@ def compact_cache(cache, offset: int, keep: Sequence[int]):
     if isinstance(cache, HybridCache):
         cache.commit(int(keep[-1]))
         cache = [c for i, c in enumerate(cache) if i not in cache.recurrent]
-    for c in cache:
+    for c in filter(None, cache):   # KV-shared layers (gemma4) have no cache
         if not contiguous:
             idx = mx.array([offset + int(k) for k in keep], dtype=mx.int32)
             if isinstance(c, QuantizedKVCache):
@@ -318,7 +356,7 @@ def trim_cache(cache, length: int) -> int:
     keep fewer."""
     if isinstance(cache, HybridCache):
         return cache.rewind(length)
-    for c in cache:
+    for c in filter(None, cache):
         if c.offset > length:
             c.trim(c.offset - length)
     return length

@@ -155,6 +155,18 @@ FAMILY_DEFAULTS = {
                        decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=32,
                        shared_expert_intermediate_size=32, norm_topk_prob=True,
                        **_GDN),
+    # Gemma 4: per-layer input embeddings, the last 2 of 6 layers share KV,
+    # sliding (window 8) and full layers, final logit soft-capping.
+    "gemma4": dict(model_type="gemma4_text", num_hidden_layers=6, head_dim=16, global_head_dim=32,
+                   num_key_value_heads=1, num_kv_shared_layers=2, hidden_size_per_layer_input=8,
+                   vocab_size_per_layer_input=384, sliding_window=8, sliding_window_pattern=3,
+                   final_logit_softcapping=30.0, tie_word_embeddings=True),
+    "gemma4_moe": dict(model_type="gemma4_text", num_hidden_layers=6, head_dim=16,
+                       global_head_dim=32, num_key_value_heads=1, num_kv_shared_layers=2,
+                       hidden_size_per_layer_input=8, vocab_size_per_layer_input=384,
+                       sliding_window=8, sliding_window_pattern=3, final_logit_softcapping=30.0,
+                       tie_word_embeddings=True, enable_moe_block=True, num_experts=4,
+                       top_k_experts=2, moe_intermediate_size=32),
 }
 
 
@@ -183,8 +195,10 @@ def _init_weights(model: nn.Module, seed: int, scale: float, layer_scale: float 
     params = tree_flatten(model.parameters())
     new = []
     for name, p in params:
-        if name.endswith("norm.weight") or "layernorm" in name:
-            new.append((name, mx.ones_like(p) if "gemma" not in type(model).__module__ else mx.zeros_like(p)))
+        if name.endswith("norm.weight") or "layernorm" in name or name.endswith("layer_scalar"):
+            # gemma3 stores RMSNorm weights as offsets from 1; gemma4 does not
+            gemma3 = "gemma3" in type(model).__module__
+            new.append((name, mx.zeros_like(p) if gemma3 else mx.ones_like(p)))
         elif name.endswith(".sinks"):
             # Attention-sink logits of order one, so the sink takes a real share
             # of each attention row (gpt_oss) and tests see it.
