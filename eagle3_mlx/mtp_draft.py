@@ -32,8 +32,8 @@ class MTPDrafter:
     def __init__(self, mtp: MTPModule, target: TargetModel):
         self.mtp, self.target = mtp, target
         V = target.vocab_size
-        self.config = SimpleNamespace(draft_vocab_size=V, vocab_size=V, aux_layer_ids=None,
-                                      quantization=None)
+        self.config = SimpleNamespace(kind="mtp", draft_vocab_size=V, vocab_size=V,
+                                      aux_layer_ids=None, quantization=None)
         self.d2t = mx.zeros((V,), dtype=mx.int32)   # the draft vocabulary is the target's
         self._state = _PositionState()
         for layer in mtp.layers:
@@ -42,6 +42,13 @@ class MTPDrafter:
                 attn.rope = PositionalRope(attn.rope, self._state)
             else:
                 self._state = attn.rope._state
+
+    # What calibration keys and quantization checks read from a head.
+    def parameters(self):
+        return self.mtp.parameters()
+
+    def named_modules(self):
+        return self.mtp.named_modules()
 
     def make_cache(self) -> list:
         return self.mtp.make_cache()

@@ -127,7 +127,10 @@ def test_converted_model_drafts_with_its_mtp_by_default(tmp_path):
         for ids, ref in zip(prompts, refs):
             eng.reset()
             assert [r.token for r in eng.stream_generate(ids, max_tokens=32, draft_source=source)] == ref
-    assert api.load(str(out), draft_source="mtp").drafter == "mtp"
+    auto = api.load(str(out), draft_source="mtp", tree="auto")   # calibrates the MTP drafter
+    assert auto.drafter == "mtp" and auto.spec.num_nodes >= 2
+    ids = prompts[0]
+    assert [r.token for r in auto.stream_generate(ids, max_tokens=32)] == refs[0]
     with pytest.raises(ValueError, match="not available"):
         api.load(str(out), draft_source="eagle")
 
