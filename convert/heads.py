@@ -1,7 +1,7 @@
 """Read every published EAGLE-3 head layout into the one MLX head format
 (:mod:`eagle3_mlx.head`).
 
-Layouts (the README's table under "Converting models" lists what is read from
+Layouts (the table in docs/convert.md lists what is read from
 each and the published heads known to use it):
 
 * official (``yuhuili/EAGLE3-*``): ``pytorch_model.bin``, ``midlayer.*``, d2t/t2d,

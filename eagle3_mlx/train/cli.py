@@ -437,7 +437,7 @@ def write_model_card(run: Run, out: Path):
         "Trained on this machine with `eagle3-mlx train` (MLX). Reproduce with "
         + ("`scripts/train_default_head.sh`" if not cfg.get("model") else
            "the same `eagle3-mlx train` options (`results.json` > `config`)")
-        + " (resumable; see the README section *Training a head*).",
+        + " (resumable; see docs/training.md in the eagle3-mlx repository).",
         "",
         "| | |",
         "|---|---|",

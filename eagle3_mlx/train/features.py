@@ -14,7 +14,7 @@ shards already carry and which decides the positions that reach the loss.
 
 Why cached and not online: one target forward costs several times a whole
 7-step TTT step of the head per token, and training reads every token
-``epochs`` times; see the README's measured numbers.
+``epochs`` times; see the measured numbers in docs/training.md.
 """
 
 from __future__ import annotations
