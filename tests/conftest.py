@@ -78,3 +78,22 @@ def ready_app():
     from _tui import ready
 
     return ready
+
+
+@pytest.fixture(scope="session")
+def built_target(tmp_path_factory):
+    """built_target(family, **make_tiny_target options) -> (model, tokenizer),
+    built and loaded once per family and options."""
+    from mlx_lm import load
+
+    made = {}
+
+    def get(family, **options):
+        key = (family, tuple(sorted(options.items())))
+        if key not in made:
+            d = tmp_path_factory.mktemp(f"target-{family}")
+            make_tiny_target(d, family, **options)
+            made[key] = load(str(d))
+        return made[key]
+
+    return get

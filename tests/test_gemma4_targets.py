@@ -9,31 +9,21 @@ Tiny random fp32 models are built here (6 layers, the last 2 KV-shared, window
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_hybrid_targets import N_PROMPTS, _ancestors, _random_trees, prompts_and_refs, run_all
+from test_hybrid_targets import (N_PROMPTS, _ancestors, _random_trees, prompts_and_refs, run_all,
+                                 sequential)
 
 from eagle3_mlx.engine import Engine
 from eagle3_mlx.recurrent import TreeShape
 from eagle3_mlx.target import TargetModel, UnsupportedModelError, compact_cache
-from eagle3_mlx.testing import make_oracle_head, make_tiny_target
+from eagle3_mlx.testing import make_oracle_head
 
 FAMILIES = ["gemma4", "gemma4_moe"]
 SCALES = dict(weight_scale=0.3, layer_scale=0.02)
 
 
-@pytest.fixture(scope="module")
-def gemma4(tmp_path_factory):
-    from mlx_lm import load
-
-    made = {}
-
-    def get(family):
-        if family not in made:
-            d = tmp_path_factory.mktemp(f"target-{family}")
-            make_tiny_target(d, family, **SCALES)
-            made[family] = load(str(d))
-        return made[family]
-
-    return get
+@pytest.fixture
+def gemma4(built_target):
+    return lambda family: built_target(family, **SCALES)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -68,16 +58,7 @@ def test_tree_nodes_equal_decoding_along_their_path(family, gemma4):
     rng = np.random.default_rng(0)
     prefix = [int(x) for x in rng.integers(3, t.vocab_size, size=11)]
 
-    def fresh():
-        cache = t.make_cache()
-        t.forward(mx.array(prefix)[None], cache)
-        return cache
-
-    def decode(cache, toks):
-        for tk in toks:
-            out = t.forward(mx.array([[tk]]), cache)
-        return out
-
+    fresh, decode = sequential(t, prefix)
     worst = scale = 0.0
     for name, parents in _random_trees(rng).items():
         anc, shape = _ancestors(parents), TreeShape(parents)
