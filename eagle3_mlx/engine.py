@@ -66,6 +66,7 @@ class GenerationResponse:
     speculative: bool = True
     source: str = ""              # drafted token: "eagle", "ngram" or "both"; "" for the bonus
     source_tokens: Optional[dict] = None  # accepted drafted tokens so far, per source
+    drafter: str = "eagle"        # what fills the "eagle" source: an EAGLE-3 head or "mtp"
 
 
 def check_compatible(head: Eagle3Head, target: TargetModel):
@@ -399,6 +400,7 @@ class Engine:
                     generation_tokens=n_gen, generation_tps=n_gen / max(el, 1e-9),
                     peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
                     speculative=speculative, source=src, source_tokens=dict(source_tokens),
+                    drafter=self.drafter,
                 )
                 if finish is not None:
                     self._finish(history, cur_len)

@@ -85,5 +85,7 @@ def format_stats(r: Any, ttft_ms: Optional[float] = None) -> str:
     parts.append(f"finish {getattr(r, 'finish_reason', None)}")
     src = getattr(r, "source_tokens", None)
     if src and getattr(r, "speculative", False):
-        parts.append("accepted by source " + ", ".join(f"{k} {v}" for k, v in src.items()))
+        drafter = getattr(r, "drafter", "eagle")   # the model drafter's slot: a head or MTP
+        parts.append("accepted by source " + ", ".join(
+            f"{drafter if k == 'eagle' else k} {v}" for k, v in src.items()))
     return "[" + " · ".join(parts) + "]"

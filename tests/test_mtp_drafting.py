@@ -117,6 +117,10 @@ def test_converted_model_drafts_with_its_mtp_by_default(tmp_path):
     assert convert(src, out, "--dtype", "float32") == 0
     eng = api.load(str(out))
     assert eng.drafter == "mtp" and eng.draft_source == "hybrid"   # MTP + n-grams
+    from eagle3_mlx.runs import format_stats
+
+    last = list(eng.stream_generate(PROMPTS[0], max_tokens=4))[-1]
+    assert last.drafter == "mtp" and "accepted by source mtp " in format_stats(last)
     model, _ = load(str(out))
     eng.tokenizer.eos_token_ids = set()
     prompts = [eng.encode(p) for p in PROMPTS[:4]]
