@@ -252,9 +252,17 @@ def resolve_model(spec: str, *, log=say) -> Path:
         if len(ggufs) != 1:
             raise HubCacheError(f"--model {spec}: no config.json" + (" (several .gguf files: pass one)" if ggufs else ""))
         gguf = ggufs[0]
-    elif any(src.glob("*.safetensors")):
-        return src
     from .convert.errors import ConvertError
+
+    if gguf is None:
+        from .convert.sources import read_json
+
+        try:   # a truncated or hand-edited config: name the file, not a bare JSON error
+            read_json(src / "config.json")
+        except ConvertError as e:
+            raise HubCacheError(f"--model {spec}: {e}") from None
+    if gguf is None and any(src.glob("*.safetensors")):
+        return src
 
     try:
         return cached_conversion("targets", spec, src, {},

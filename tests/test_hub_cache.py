@@ -204,3 +204,19 @@ def test_target_settles_aux_ids_and_is_part_of_the_key(hub, tiny, tiny_dir, coun
     hub_cache.resolve_head(REPO, log=lambda m: None)  # no target: another entry (the +1 reading)
     assert len(counted) == 2 and len(entries()) == 2
     assert capsys.readouterr().err == ""  # log= took the progress lines
+
+
+def test_truncated_config_names_the_file(tmp_path):
+    """A newcomer's report: a truncated config.json gave a bare 'Expecting value:
+    line 11 ...'. The load now says which file, in one line."""
+    from eagle3_mlx import api
+    from eagle3_mlx.hub_cache import HubCacheError
+    from eagle3_mlx.testing import make_tiny_target
+
+    make_tiny_target(tmp_path, "llama", num_hidden_layers=2)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(cfg.read_text()[:40])
+    with pytest.raises(HubCacheError) as e:
+        api.load(str(tmp_path))
+    msg = str(e.value)
+    assert str(cfg) in msg and "invalid JSON" in msg and "\n" not in msg
