@@ -152,14 +152,37 @@ class TreeShape:
             p.reverse()
             self.paths.append(p + [i] * (self.max_depth + 1 - len(p)))
 
+        # Device index arrays, built once per step and shared by every linear layer.
+        self.level_nodes = [mx.array(lvl, dtype=mx.int32) for lvl in self.levels]
+        # Per level after the root: each node's parent as a row of the level above.
+        self.parent_rows = [None] + [
+            mx.array([self.levels[d - 1].index(parents[n]) for n in lvl], dtype=mx.int32)
+            for d, lvl in enumerate(self.levels) if d]
+        self.order_index = mx.array(self.order, dtype=mx.int32)
+        self.inverse_index = mx.array([self.slot[i] for i in range(T)], dtype=mx.int32)
+        self._windows = {}
+
     def conv_windows(self, k: int) -> mx.array:
         """[T, k] rows of concat(conv state (k - 1 rows), node inputs): each
-        node's convolution window along its own path."""
-        rows = []
-        for p in self.paths:
-            seq = list(range(k - 1)) + [k - 1 + n for n in p[: self.depths[p[-1]] + 1]]
-            rows.append(seq[-k:])
-        return mx.array(rows, dtype=mx.int32)
+        node's convolution window along its own path (built once per k)."""
+        if k not in self._windows:
+            rows = []
+            for p in self.paths:
+                seq = list(range(k - 1)) + [k - 1 + n for n in p[: self.depths[p[-1]] + 1]]
+                rows.append(seq[-k:])
+            self._windows[k] = mx.array(rows, dtype=mx.int32)
+        return self._windows[k]
+
+    def walk_levels(self, states, step):
+        """Runs ``step(level nodes, parent states) -> (out, states)`` depth by depth,
+        each level's states gathered from its parents' rows of the level above.
+        Returns (outputs in node order, per-level states)."""
+        outs, per_level = [], []
+        for nodes, rows in zip(self.level_nodes, self.parent_rows):
+            out, states = step(nodes, states if rows is None else [s[rows] for s in states])
+            outs.append(out)
+            per_level.append(states)
+        return mx.concatenate(outs, axis=0)[self.inverse_index], per_level
 
 
 def tree_layer(layer, x, cache: ArraysCache, shape: TreeShape, strategy: str = DEFAULT_STRATEGY):
@@ -177,25 +200,14 @@ def tree_layer(layer, x, cache: ArraysCache, shape: TreeShape, strategy: str = D
 
 
 def _by_levels(layer, x, cache, shape):
-    ys, convs, states = [], [], []
-    prev_slot = {0: 0}
-    conv, state = cache[0], cache[1]
-    for d, nodes in enumerate(shape.levels):
+    def step(nodes, states):
         c = ArraysCache(size=2)
-        if d == 0:
-            c[0], c[1] = conv, state
-        else:
-            rows = mx.array([prev_slot[shape.parents[n]] for n in nodes], dtype=mx.int32)
-            c[0], c[1] = conv[rows], state[rows]
-        xd = x[0, mx.array(nodes, dtype=mx.int32)][:, None, :]
-        ys.append(layer(xd, None, c)[:, 0])
-        conv, state = c[0], c[1]
-        convs.append(conv)
-        states.append(state)
-        prev_slot = {n: r for r, n in enumerate(nodes)}
-    y = mx.concatenate(ys, axis=0)                     # level order
-    inverse = mx.array([shape.slot[i] for i in range(shape.size)], dtype=mx.int32)
-    return y[inverse][None], (mx.concatenate(convs, axis=0), mx.concatenate(states, axis=0))
+        c[0], c[1] = states
+        y = layer(x[0, nodes][:, None, :], None, c)[:, 0]
+        return y, [c[0], c[1]]
+
+    y, per_level = shape.walk_levels([cache[0], cache[1]], step)
+    return y[None], tuple(mx.concatenate([lv[j] for lv in per_level], axis=0) for j in (0, 1))
 
 
 def _by_paths(layer, x, cache, shape):
@@ -211,8 +223,7 @@ def _by_paths(layer, x, cache, shape):
     c.lengths = depths + 1
     y = layer(xs, valid, c)
     y = y[mx.arange(T), depths]                                 # each node's own row
-    order = mx.array(shape.order, dtype=mx.int32)
-    return y[None], (c[0][order], c[1][order])
+    return y[None], (c[0][shape.order_index], c[1][shape.order_index])
 
 
 def _fused(layer, x, cache, shape):
@@ -266,21 +277,16 @@ class _TreeGatedDeltaNet:
         ]
         q, k = normalize_qk(q, k, inv_scale=g.head_k_dim**-0.5, eps=1e-6)
         a, b = a[0][:, None], b[0][:, None]                    # [T, 1, Hv]
-        state = cache[1]
-        outs, states, slot = [], [], {0: 0}
-        for d, nodes in enumerate(shape.levels):
-            idx = mx.array(nodes, dtype=mx.int32)
-            if d:
-                state = state[mx.array([slot[shape.parents[n]] for n in nodes], dtype=mx.int32)]
-            out, state = gated_delta_update(q[idx], k[idx], v[idx], a[idx], b[idx], g.A_log,
-                                            g.dt_bias, state, None, use_kernel=not g.training)
-            outs.append(out)
-            states.append(state)
-            slot = {n: r for r, n in enumerate(nodes)}
-        order = mx.array(shape.order, dtype=mx.int32)
-        inverse = mx.array([shape.slot[i] for i in range(T)], dtype=mx.int32)
-        out = mx.concatenate(outs, axis=0)[inverse].reshape(1, T, g.num_v_heads, g.head_v_dim)
+
+        def step(nodes, states):
+            out, state = gated_delta_update(q[nodes], k[nodes], v[nodes], a[nodes], b[nodes],
+                                            g.A_log, g.dt_bias, states[0], None,
+                                            use_kernel=not g.training)
+            return out, [state]
+
+        out, per_level = shape.walk_levels([cache[1]], step)
+        out = out.reshape(1, T, g.num_v_heads, g.head_v_dim)
         # Per-level states stay apart: the commit takes one row, no copy of them all.
-        self.node_states = (windows[order, 1:], states)
+        self.node_states = (windows[shape.order_index, 1:], [lv[0] for lv in per_level])
         out = g.norm(out, z)
         return g.out_proj(out.reshape(1, T, -1))

@@ -273,13 +273,13 @@ class TargetModel:
         node_states = {}
         masks = self._masks(T, offset, tree_mask, positions)
         h = self.embed(tokens)
-        extras = [{} for _ in self.layers]
-        if self.per_layer_inputs:   # gemma4: a small embedding per layer, mlx-lm's own
-            pli = self.inner._project_per_layer_inputs(h, self.inner._get_per_layer_inputs(tokens))
-            for i, e in enumerate(extras):
-                e["per_layer_input"] = pli[:, :, i, :]
         shared = self.model_type == "gemma4_text"
-        kvs = [(None, None)] * self.num_layers
+        if shared:   # gemma4: what each layer's call takes beyond (h, mask, cache)
+            kvs = [(None, None)] * self.num_layers
+            pli = None
+            if self.per_layer_inputs:   # a small embedding per layer, mlx-lm's own
+                pli = self.inner._project_per_layer_inputs(
+                    h, self.inner._get_per_layer_inputs(tokens))
         captured = [None] * len(self.aux_layer_ids)
         self._state.positions = positions if tree_mask is not None else None
         try:
@@ -296,7 +296,8 @@ class TargetModel:
                 elif shared:
                     prev_kv, prev_offset = kvs[self.kv_source[i]]
                     h, kv, off = layer(h, masks[self.windows[i]], c, shared_kv=prev_kv,
-                                       offset=prev_offset, **extras[i])
+                                       offset=prev_offset,
+                                       per_layer_input=None if pli is None else pli[:, :, i, :])
                     kvs[i] = (kv, off)
                 else:
                     h = layer(h, masks[self.windows[i]], c)
