@@ -41,6 +41,7 @@ from .bench_report import (format_grid, format_rows, format_sources,
 from .console import say
 from .default_model import default_paths
 from .files import write_atomic
+from .hybrid import from_model
 from .platform import default_dtype, describe_machine, machine_info
 from .prompts import BenchPrompt, PromptSetError, load_prompts
 from .runs import Run, collect
@@ -158,9 +159,17 @@ def summarize(rows: List[dict]) -> dict:
         "compared": len(ident),
         "draft_ms": sum(r["draft_ms"] for r in rows),
         "verify_ms": sum(r["verify_ms"] for r in rows),
-        "source_tokens": {k: sum((r.get("source_tokens") or {}).get(k, 0) for r in rows)
-                          for k in ("eagle", "ngram", "both")},
+        "source_tokens": _sum_sources(r.get("source_tokens") or {} for r in rows),
     }
+
+
+def _sum_sources(dicts) -> dict:
+    """Accepted drafted tokens per source label, summed over runs."""
+    out = {"eagle": 0, "ngram": 0, "both": 0}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def by_category(rows: List[dict]) -> Dict[str, dict]:
@@ -657,7 +666,7 @@ def run_notes(total: dict, sources, temp: float) -> List[str]:
     notes = []
     # The head's own share: one token per forward plus the drafted tokens it proposed.
     src, fwd = total["source_tokens"], total["target_forwards"]
-    head_tau = (fwd + src["eagle"] + src["both"]) / fwd if fwd else None
+    head_tau = (fwd + sum(v for k, v in src.items() if from_model(k))) / fwd if fwd else None
     if sources[0] != "ngram" and head_tau is not None and head_tau < 1.2:
         notes.append(f"the draft head accepts almost nothing (tau {head_tau:.2f}); it is untrained, "
                      "random or made for another target, so speculation cannot speed anything up here")

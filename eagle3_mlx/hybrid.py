@@ -45,8 +45,24 @@ import numpy as np
 from .ngram import Candidate
 from .tree import DraftTree
 
-EAGLE, NGRAM = 1, 2          # source bits of a node; 3 = proposed by both
+EAGLE, NGRAM, MTP = 1, 2, 4  # source bits of a node, OR-ed when several sources propose it
 SOURCES = ("eagle", "mtp", "ngram", "hybrid")
+_LABELS = {EAGLE: "eagle", NGRAM: "ngram", EAGLE | NGRAM: "both", MTP: "mtp",
+           EAGLE | MTP: "eagle+mtp", MTP | NGRAM: "mtp+ngram", EAGLE | MTP | NGRAM: "all"}
+
+
+def source_label(bits: int) -> str:
+    """The one name of a node's sources, as step statistics count accepted
+    tokens: "eagle", "ngram", "mtp", "both" (head and n-grams), "eagle+mtp",
+    "mtp+ngram", "all"; "" for the bonus token, which no source drafted."""
+    return _LABELS.get(bits, "")
+
+
+def from_model(label: str) -> bool:
+    """Was a token with this source label proposed by a model drafter (an
+    EAGLE-3 head or an MTP module), not by context n-grams alone?"""
+    return bool(label) and label != "ngram"
+
 _DEPTH_TIEBREAK = 1e-3       # as in tree.py: a parent outranks its children on ties
 
 

@@ -206,7 +206,10 @@ class StatsPanel(VerticalScroll):
         v["draft_share"] = _fmt(frac * 100 if frac is not None else None, ".0f", "%")
         src = s.latest.get("source_tokens") if s else None
         if src:
-            v["sources"] = f"{src.get('eagle', 0)} / {src.get('ngram', 0)} / {src.get('both', 0)}"
+            shown = [(k, n) for k, n in src.items() if n or k in ("eagle", "ngram", "both")]
+            names = {"eagle": "head", "ngram": "n-gram"}
+            v["sources_label"] = "/".join(names.get(k, k) for k, _ in shown)
+            v["sources"] = " / ".join(str(n) for _, n in shown)
         self.values = v
 
         head = Text()
@@ -248,7 +251,7 @@ class StatsPanel(VerticalScroll):
         self._row(body, "from draft", v["draft_share"], end="")
         if "sources" in v:
             body.append("\n")
-            self._row(body, "head/n-gram/both", v["sources"], end="")
+            self._row(body, v["sources_label"], v["sources"], end="")
         if ctx.get("coloured"):
             body.append("\n\n")
             body.append(" draft ", DRAFT_STYLE)

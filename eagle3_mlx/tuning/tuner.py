@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Tuple
 
+from ..hybrid import from_model
 from ..treespec import TreeSpec
 from .cache import Calibration, calibration_key, load_calibration, save_calibration
 from .optimise import evaluate, optimise
@@ -59,7 +60,7 @@ class OnlineTuner:
             self._head_run = True
         if src is None:
             return
-        if self._head_run and src in ("eagle", "both"):
+        if self._head_run and from_model(src):
             self._tokens += 1
         else:
             self._head_run = False
