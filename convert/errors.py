@@ -16,3 +16,15 @@ def short(exc: BaseException, limit: int = 300) -> str:
     """One line describing a library exception, cut to ``limit`` characters."""
     msg = " ".join(str(exc).split()) or type(exc).__name__
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be converted: corrupt, truncated or unsupported.
+
+    ``str(err)`` is a single line that names the file and the reason.
+    """
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = " ".join(str(reason).split())  # keep it on one line
+        super().__init__(f"{self.path}: {self.reason}")

@@ -8,7 +8,9 @@ produce the output.  The Hugging Face tokenizer (``tokenizer.json`` + chat
 template) is rebuilt from the ``tokenizer.ggml.*`` metadata.  No PyTorch.
 
 Supported architectures (``general.architecture``): ``llama``, ``qwen2``,
-``qwen3`` and ``gemma3``.
+``qwen3``, ``gemma3``, and the Gated-DeltaNet hybrids ``qwen3next``, ``qwen35``
+and ``qwen35moe`` (their layout is undone in :mod:`.gguf_hybrid`).  ``gemma4``
+is refused with its reason (see ``_REFUSED``).
 
 llama.cpp conventions undone here:
 
@@ -52,24 +54,22 @@ __all__ = [
     "permute_llama_qk",
 ]
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+from eagle3_mlx.convert.errors import GGUFError
+from eagle3_mlx.convert.gguf_hybrid import HYBRID_ARCHS, hybrid_config, hybrid_layer, hybrid_top
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", *HYBRID_ARCHS)
+
+# Architectures the gguf package knows that we refuse with a reason.
+_REFUSED = {
+    "gemma4": "gemma4 GGUF files are not supported yet (its 'gemma4' tokenizer model, per-layer "
+              "KV heads and proportional-RoPE frequency tensor are not rebuilt); convert the "
+              "Hugging Face checkpoint instead",
+}
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
 # tokenizer.ggml.token_type values (gguf.TokenType)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
-
-
-class GGUFError(ValueError):
-    """A GGUF file that cannot be converted: corrupt, truncated or unsupported.
-
-    ``str(err)`` is a single line that names the file and the reason.
-    """
-
-    def __init__(self, path, reason: str):
-        self.path = str(path)
-        self.reason = " ".join(str(reason).split())  # keep it on one line
-        super().__init__(f"{self.path}: {self.reason}")
 
 
 # --------------------------------------------------------------------------- #
@@ -248,6 +248,15 @@ def _infer_llama3_rope(factors: np.ndarray, base: float, dims: int, meta_orig, p
 def gguf_to_hf_config(meta: dict, shapes: dict, path="<gguf>", rope_freqs=None) -> dict:
     """Build the Hugging Face / mlx-lm ``config.json`` dict from GGUF metadata."""
     arch = meta.get("general.architecture")
+    if arch in _REFUSED:
+        raise GGUFError(path, _REFUSED[arch])
+    if arch in HYBRID_ARCHS:
+        try:
+            return hybrid_config(arch, meta, shapes, path)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, GGUFError):
+                raise
+            raise GGUFError(path, f"invalid {arch} metadata ({type(e).__name__}: {e})") from None
     if arch not in _ARCH_INFO:
         raise GGUFError(
             path,
@@ -485,6 +494,45 @@ def _load_weights(reader, arch: str, config: dict, dtype, path, progress: bool) 
             mx.eval(weights[name])
             del w
             bar.update(int(t.n_elements))
+    return weights
+
+
+def _load_hybrid_weights(reader, arch: str, config: dict, dtype, path, progress: bool) -> dict:
+    """qwen3next / qwen35 / qwen35moe: one decoder layer at a time, since
+    undoing llama.cpp's layout needs a layer's tensors together."""
+    import mlx.core as mx
+    from tqdm import tqdm
+
+    n_layers = config["num_hidden_layers"]
+    top, layers, unknown = [], {}, []
+    for t in reader.tensors:
+        m = re.match(r"^blk\.(\d+)\.", t.name)
+        if m is None:
+            (top if t.name in ("token_embd.weight", "output_norm.weight", "output.weight")
+             else unknown).append(t)
+        elif int(m.group(1)) < n_layers:  # later blocks are MTP layers: not the target's
+            layers.setdefault(int(m.group(1)), []).append(t)
+    if unknown:
+        raise GGUFError(path, f"unexpected tensors for architecture {arch!r}: "
+                              + ", ".join(t.name for t in unknown[:5]))
+    weights = {}
+
+    def keep(hf: dict):
+        for name, w in hf.items():
+            weights[name] = mx.array(np.ascontiguousarray(w, dtype=np.float32)).astype(dtype)
+            mx.eval(weights[name])
+
+    total = sum(int(t.n_elements) for t in top) + sum(
+        int(t.n_elements) for ts in layers.values() for t in ts)
+    with tqdm(total=total, unit="par", unit_scale=True, desc="dequantizing",
+              disable=not progress, file=sys.stderr, leave=False) as bar:
+        for t in top:
+            keep(dict([hybrid_top(t.name, _dequantize(t, path))]))
+            bar.update(int(t.n_elements))
+        for i in sorted(layers):
+            parts = {t.name: _dequantize(t, path) for t in layers[i]}
+            keep(hybrid_layer(arch, config, i, parts, path))
+            bar.update(sum(int(t.n_elements) for t in layers[i]))
     return weights
 
 
@@ -773,7 +821,8 @@ def convert_gguf(
     except Exception as e:  # tokenizers raises plain Exceptions for inconsistent vocabularies
         raise GGUFError(src_path, f"cannot build the tokenizer ({type(e).__name__}: {e})") from None
 
-    weights = _load_weights(reader, arch, config, mx_dtype, src_path, progress)
+    load = _load_hybrid_weights if arch in HYBRID_ARCHS else _load_weights
+    weights = load(reader, arch, config, mx_dtype, src_path, progress)
     del reader
 
     try:

@@ -109,6 +109,27 @@ def _build_model(src: Path, config: dict, weights: WeightFiles):
     return model, config
 
 
+_TOP_LEVEL_KEYS = ("eos_token_id", "bos_token_id", "pad_token_id", "torch_dtype", "dtype",
+                   "tie_word_embeddings", "quantization", "quantization_config")
+
+
+def _text_tower(model, config: dict, log):
+    """A multimodal Gemma 4 checkpoint (``gemma4``) keeps its text model in
+    ``language_model``; the target is that text model alone (``gemma4_text``),
+    which the target adapter supports. mlx-lm's sanitize already dropped the
+    vision and audio towers."""
+    if config.get("model_type") != "gemma4" or not hasattr(model, "language_model"):
+        return model, config
+    text = dict(config.get("text_config") or {})
+    text.update(model_type="gemma4_text", architectures=["Gemma4ForCausalLM"],
+                vocab_size=model.language_model.args.vocab_size)
+    for k in _TOP_LEVEL_KEYS:
+        if k in config and k not in text:
+            text[k] = config[k]
+    log("note: multimodal gemma4 checkpoint: converting its text model (gemma4_text)")
+    return model.language_model, text
+
+
 def _cast(model, dtype: str):
     """Cast floating parameters like mlx_lm.convert does (respecting cast_predicate)."""
     import mlx.core as mx
@@ -178,6 +199,7 @@ def convert_target(src: Path, stage: Path, *, config: dict, weights: WeightFiles
         log("note: the source is pre-quantized; its MTP block (mtp.*) is not kept")
         mtp_names = []
     model, config = _build_model(src, dict(config), weights)
+    model, config = _text_tower(model, config, log)
     text_args = getattr(getattr(model, "language_model", model), "args", None)
     if dtype is None:
         dtype = config.get("torch_dtype") or config.get("dtype")
