@@ -39,7 +39,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from .bench_report import (format_grid, format_rows, format_sources,
                            format_summary, plot_result)
 from .console import say
-from .default_model import default_paths
 from .files import write_atomic
 from .hybrid import from_model
 from .platform import default_dtype, describe_machine, machine_info
@@ -400,22 +399,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="eagle3-mlx bench",
         description="Measure EAGLE-3 speculative decoding against plain mlx-lm decoding of the same "
                     "prompts in the same process: tau, tok/s, speedup and token identity.")
-    p.add_argument("--model", default=None, help="MLX target (default: the default model)")
-    p.add_argument("--draft", default=None, help="EAGLE-3 head: directory or repo id in any published layout "
-                                                 "(default: the default head)")
-    from .cli import add_draft_feedback_arg
+    from .entry import add_dtype_arg, add_model_args, add_sampling_args, add_tree_arg
 
-    add_draft_feedback_arg(p)
-    p.add_argument("--dtype", default=None, help="cast the target, e.g. float32 (default: platform default)")
+    add_model_args(p, draft_source=False)
+    add_dtype_arg(p, "platform default")
     p.add_argument("--prompts", default="mtbench", help="'mtbench' (built in) or a JSONL file")
     p.add_argument("--turns", type=int, choices=(1, 2), default=1, help="MT-bench turns per question")
-    p.add_argument("--max-tokens", "-m", type=int, default=256)
-    p.add_argument("--temp", type=float, default=0.0, help="0 = greedy (outputs must be identical)")
+    add_sampling_args(p, max_tokens=256, top_p=False)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="first N prompts (round-robin over categories)")
     p.add_argument("--category", action="append", default=None, help="only this category (repeatable)")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--tree", default="auto", help="'auto' (calibrated for this machine) or TOP_K,DEPTH,TOTAL")
+    add_tree_arg(p)
     p.add_argument("--draft-source", default="hybrid", type=_parse_sources, metavar="SOURCES",
                    help="what drafts the tree: eagle (the EAGLE-3 head), ngram (context n-grams), "
                         "hybrid (both in one tree; the default), or several separated by commas, "
@@ -457,10 +452,7 @@ def main(argv=None) -> int:
     try:
         check_args(args)
         prompts, fixed, grid = read_selection(args)
-        model, draft, dtype = resolve_target(args)
-        settings = run_settings(args, model, draft, dtype)
-        records = resume_records(args, settings)
-        engine = load_engine(model, draft, dtype, args)
+        engine, target, settings, records = open_bench_engine(args)
     except _Refused as e:
         print(f"eagle3-mlx bench: error: {e}", file=sys.stderr)
         return e.code
@@ -472,10 +464,30 @@ def main(argv=None) -> int:
     if res is None:
         return 130
     result = build_result(res, engine, args, prompts, tree, fixed, grid, calibration, machine,
-                          model, draft, dtype)
-    print_report(result, res, args, prompts, tree, fixed, grid, model, draft)
+                          target.model, target.draft, settings["dtype"])
+    print_report(result, res, args, prompts, tree, fixed, grid, target.model, target.draft)
     write_outputs(result, args)
     return 0
+
+
+def open_bench_engine(args):
+    """(engine, target, run settings, resumed records): the target is resolved
+    and a ``--resume`` sidecar checked before anything is loaded; the trees
+    are the bench's to set, so none is applied on load."""
+    from .entry import EngineOptions, SetupError, load_engine, resolve_target
+
+    dtype = args.dtype or default_dtype()
+    try:
+        target = resolve_target(args.model, args.draft)
+    except SetupError as e:
+        raise _Refused(str(e), 1) from None
+    settings = run_settings(args, target.model, target.draft, dtype)
+    records = resume_records(args, settings)
+    opts = EngineOptions.from_args(args, dtype=dtype, draft_source=args.draft_source[0], tree=None)
+    try:
+        return load_engine(opts, target), target, settings, records
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise _Refused(str(e), 1) from None
 
 
 def check_args(args):
@@ -500,14 +512,6 @@ def read_selection(args):
     except (PromptSetError, ValueError) as e:
         raise _Refused(str(e), 2) from None
     return prompts, fixed, grid
-
-
-def resolve_target(args):
-    try:
-        model, draft = default_paths(args.model, args.draft)
-    except ValueError as e:
-        raise _Refused(str(e), 1) from None
-    return model, draft, args.dtype or default_dtype()
 
 
 def run_settings(args, model, draft, dtype) -> dict:
@@ -539,20 +543,14 @@ def resume_records(args, settings) -> List[dict]:
     return records
 
 
-def load_engine(model, draft, dtype, args):
-    from . import api
-
-    try:
-        return api.load(model, draft, model_dtype=dtype, draft_source=args.draft_source[0],
-                        draft_feedback=args.draft_feedback)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise _Refused(str(e), 1) from None
-
-
 def choose_tree(engine, args, fixed):
     """The tree to measure (``--tree``, or calibrated for ``auto``) and the
     calibration behind it (None for a fixed tree); seeds hybrid drafting."""
     calibration = None
+    if engine.head is None:
+        tree = fixed or engine.spec
+        say(f"tree: {tree} (no draft head: context n-grams draft)")
+        return tree, None
     if fixed is None:
         calibration = calibrate(engine, force=args.recalibrate, quick=args.quick_calibration, log=say)
         tree = calibration.spec

@@ -19,7 +19,6 @@ the settings, is never changed.
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,8 @@ from typing import Any, Callable
 
 from textual.message import Message
 
-from .stats import TokenRecord, snapshot_response
+from eagle3_mlx.entry import describe_error, describe_load_error
+from eagle3_mlx.tui.stats import TokenRecord, snapshot_response
 
 
 # --------------------------------------------------------------------------
@@ -139,19 +139,6 @@ class CallRequest:
 
 
 _STOP = object()
-
-
-def describe_error(exc: BaseException) -> str:
-    """A one-paragraph, user-facing description of an engine failure."""
-    name = type(exc).__name__
-    text = str(exc).strip() or name
-    low = text.lower()
-    if isinstance(exc, MemoryError) or "out of memory" in low or "malloc" in low or "oom" in low.split():
-        return (f"Out of memory ({text}). Try a smaller --max-tokens, a smaller tree "
-                "(settings), or start a new chat (ctrl+n).")
-    if "context" in low and ("limit" in low or "length" in low or "exceed" in low):
-        return f"Context limit reached ({text}). Start a new chat with ctrl+n."
-    return f"{name}: {text}"
 
 
 def engine_tree(engine: Any) -> dict | None:
@@ -394,23 +381,3 @@ class EngineThread:
                 self._current = None
         if tuner is not None and finished:
             self._retune()  # after AnswerDone: the answer is never held up by it
-
-
-def describe_load_error(exc: BaseException) -> str:
-    from .errors import ChatSetupError
-
-    if isinstance(exc, ChatSetupError):
-        return str(exc)
-    if isinstance(exc, FileNotFoundError):
-        return f"Could not load the model: {exc}. Check the --model and --draft paths."
-    return f"Could not load the model: {describe_error(exc)}"
-
-
-def report_load_failure(prog: str, exc: BaseException) -> int:
-    """One line on stderr saying why the model did not load, for a command
-    (``prog``) that then exits with the returned status: 2 for a setup error
-    (the message says what to pass instead), 1 when loading itself failed."""
-    from .errors import ChatSetupError
-
-    print(f"{prog}: {describe_load_error(exc)}", file=sys.stderr)
-    return 2 if isinstance(exc, ChatSetupError) else 1

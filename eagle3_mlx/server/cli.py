@@ -33,8 +33,7 @@ GRACEFUL_SHUTDOWN_S = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import add_model_args
-    from ..tuning.choose import add_tree_args
+    from ..entry import add_model_args, add_tree_arg
 
     p = argparse.ArgumentParser(
         prog="eagle3-mlx serve",
@@ -49,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (default 127.0.0.1: this machine only; "
                         "0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 picks a free one)")
-    add_tree_args(p)
+    add_tree_arg(p)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every request")
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT,
@@ -83,27 +82,15 @@ def make_loader(args, facts: dict):
     fills ``facts`` (model name, draft, tree, draft source) for the ready line."""
 
     def loader():
-        from ..api import load
-        from ..tuning.choose import apply_tree, auto_tuner
-        from ..tui.cli import _name, resolve_paths
+        from ..entry import EngineOptions, open_engine, resolve_target, short_name
 
-        model, draft, name = args.model, args.draft, None
-        if not model:  # chat's resolution: the default model + shipped head, or a usage error
-            model, draft = resolve_paths(model, draft, lambda text, *a: _log(text))
-            from .. import default_model
-
-            name = getattr(default_model, "DEFAULT_MODEL_NAME", None)
-        _log(f"loading {_name(model)}" + (f" with draft head {_name(draft)}" if draft else "")
-             + "…")
-        engine = load(model, draft, draft_source=args.draft_source, draft_feedback=args.draft_feedback)
-        tuner = None
-        if engine.head is not None:
-            apply_tree(engine, args.tree, log=_log)
-            # --tree auto: the online tuner refines the tree between requests, as in chat
-            tuner = auto_tuner(engine, args.tree)
+        target = resolve_target(args.model, args.draft, _log)
+        # --tree auto: the online tuner refines the tree between requests, as in chat
+        engine, tuner = open_engine(EngineOptions.from_args(args), progress=_log, target=target)
         spec = engine.spec
-        facts.update(model=args.model_name or name or _name(model),
-                     draft=_name(draft) if draft else None, draft_source=engine.draft_source,
+        facts.update(model=args.model_name or target.name or short_name(target.model),
+                     draft=short_name(target.draft) if target.draft else None,
+                     draft_source=engine.draft_source,
                      tree=f"{spec.top_k},{spec.depth},{spec.total_tokens}" if engine.head is not None else None,
                      max_context=engine.max_context)
         return engine, tuner
@@ -147,7 +134,7 @@ def serve_main(argv=None) -> int:
     try:
         worker.wait_loaded()
     except Exception as e:  # noqa: BLE001 - one line, not a traceback
-        from ..tui.engine_thread import report_load_failure
+        from ..entry import report_load_failure
 
         return report_load_failure("eagle3-mlx serve", e)
     try:

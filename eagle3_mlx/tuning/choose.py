@@ -6,13 +6,12 @@ a ``--tree`` value ("auto", "K,D,N", a TreeSpec or a tuple) into a TreeSpec via
 calibration or measures once and caches it), sets it on the engine, and seeds
 hybrid drafting from the calibration (:func:`seed_hybrid`).
 :func:`auto_tuner` / :func:`finish_run_tuning` attach and settle the online
-tuner for runs whose tree is "auto". The ``--tree`` argument itself is declared
-here too (:func:`add_tree_args`).
+tuner for runs whose tree is "auto". The ``--tree`` option itself is declared
+by :mod:`eagle3_mlx.entry`, which the commands load through.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -181,20 +180,9 @@ def seed_hybrid(engine, calibration: Optional[Calibration] = None,
     return True
 
 
-def add_tree_args(p: argparse.ArgumentParser):
-    p.add_argument("--tree", default="auto",
-                   help="draft tree: 'auto' (calibrated for this machine, cached) or "
-                        "TOP_K,DEPTH,TOTAL_TOKENS, e.g. 4,4,16; TOP_K 1 is a chain")
-
-
 def is_auto_tree(tree_arg) -> bool:
     """True when a --tree value asks for the calibrated tree ('auto' or nothing)."""
     return tree_arg is None or str(tree_arg).strip().lower() == "auto"
-
-
-# A one-shot run (generate, chat --smoke) refreshes the cached acceptance only
-# when it saw at least this many speculative steps: fewer say little.
-RUN_TUNE_STEPS = 16
 
 
 def auto_tuner(engine, tree_arg, **kw):

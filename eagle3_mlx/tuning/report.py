@@ -1,21 +1,13 @@
-"""``eagle3-mlx calibrate``: measure, show and report calibrations.
+"""How a calibration reads: the text ``eagle3-mlx calibrate`` prints.
 
-Contract: :func:`format_report` renders a :class:`~.cache.Calibration` as the
-text the command prints (machine, costs, acceptance, best trees, the choice);
-:func:`main` is the command: it measures through :func:`.choose.calibrate` or,
-with ``--show``, prints cached calibrations without measuring.
+Contract: :func:`format_report` renders a :class:`~.cache.Calibration` as
+text (machine, costs, acceptance, best trees, the choice). The command itself
+is :mod:`eagle3_mlx.calibrate`, on top of :mod:`eagle3_mlx.entry`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
-
-from ..files import write_atomic
-from .cache import Calibration, cache_dir, calibration_key, list_calibrations, load_calibration
-from .choose import calibrate
+from .cache import Calibration
 from .optimise import optimise
 
 
@@ -71,63 +63,3 @@ def format_report(cal: Calibration, *, top: int = 8) -> str:
         lines.append("note: the head accepts almost nothing at level 1 — it looks untrained or made "
                      "for another target.")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="eagle3-mlx calibrate",
-        description="Measure this machine's verify and draft costs and the head's acceptance, and "
-                    "pick the draft tree (top_k, depth, total_tokens) with the best expected tok/s. "
-                    f"Results are cached in {cache_dir()}.")
-    p.add_argument("--model", default=None, help="MLX target (default: the default model)")
-    p.add_argument("--draft", default=None, help="MLX EAGLE-3 head (default: the default head)")
-    p.add_argument("--dtype", default=None, help="cast the target, e.g. float32 (default: platform default)")
-    p.add_argument("--show", action="store_true",
-                   help="show cached calibrations (this model's with --model, else all) without measuring")
-    p.add_argument("--force", action="store_true", help="measure again even if cached")
-    p.add_argument("--quick", action="store_true", help="fewer widths, prompts and repetitions")
-    p.add_argument("--prompts", type=int, default=None, help="built-in calibration prompts for acceptance (default 4, at most 8; not MT-bench)")
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens per acceptance prompt (default 64)")
-    p.add_argument("--json", default=None, help="also write the calibration record to this file")
-    args = p.parse_args(argv)
-
-    if args.show and not args.model:
-        entries = list_calibrations()
-        if not entries:
-            print(f"no calibrations cached in {cache_dir()}")
-            return 0
-        for path, rec in entries:
-            print(f"== {path}")
-            try:
-                print(format_report(Calibration.from_dict(rec)))
-            except (KeyError, TypeError, ValueError) as e:
-                print(f"  unreadable ({e})")
-            print()
-        return 0
-
-    from ..api import load
-    from ..default_model import default_paths
-    from ..platform import default_dtype
-
-    try:
-        model, draft = default_paths(args.model, args.draft)
-        engine = load(model, draft, model_dtype=args.dtype or default_dtype())
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"eagle3-mlx calibrate: error: {e}", file=sys.stderr)
-        return 1
-    if args.show:
-        cal = load_calibration(calibration_key(engine.model, engine.head))
-        if cal is None:
-            print("no calibration cached for this model, head and machine; run `eagle3-mlx calibrate`")
-            return 1
-    else:
-        cal = calibrate(engine, force=args.force, quick=args.quick, n_prompts=args.prompts,
-                        max_tokens=args.max_tokens, log=lambda s: print(s, flush=True))
-    print(format_report(cal))
-    if args.json:
-        write_atomic(Path(args.json), json.dumps(cal.to_dict(), indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
