@@ -15,7 +15,7 @@ from pathlib import Path
 
 from eagle3_mlx.files import staged_dir
 
-from .errors import ConvertError
+from eagle3_mlx.convert.errors import ConvertError
 
 
 def check_output(out, force: bool) -> Path:

@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from .atomic import check_output, staged_output
-from .errors import ConvertError, short
+from eagle3_mlx.convert.atomic import check_output, staged_output
+from eagle3_mlx.convert.errors import ConvertError, short
 
 PROG = "eagle3-mlx convert"
 DTYPES = ("float16", "bfloat16", "float32")
@@ -51,7 +51,7 @@ def _say(msg: str):
 
 
 def _read_target_config(spec: str):
-    from .sources import read_json
+    from eagle3_mlx.convert.sources import read_json
 
     p = Path(spec).expanduser()
     if p.is_dir():
@@ -64,7 +64,7 @@ def _read_target_config(spec: str):
 def _convert_gguf(src: Path, out: Path, args, quant):
     _say(f"detected: GGUF target model ({src.name})")
     try:
-        from .gguf_target import convert_gguf
+        from eagle3_mlx.convert.gguf_target import convert_gguf
     except ImportError as e:
         if getattr(e, "name", "") and e.name.endswith("gguf_target"):
             raise ConvertError(src, "GGUF conversion is not available in this installation "
@@ -83,7 +83,7 @@ def _convert_gguf(src: Path, out: Path, args, quant):
 
 
 def run(args) -> None:
-    from .heads import quant_defaults
+    from eagle3_mlx.convert.heads import quant_defaults
 
     out = check_output(args.mlx_path, args.force)  # refuse early, before any heavy work
     quantize = args.quantize or args.q_bits is not None
@@ -98,7 +98,7 @@ def run(args) -> None:
     if args.rope_from_target and target is None:
         raise ConvertError("--rope-from-target", "needs --target (the verifier whose RoPE the draft takes)")
 
-    from .sources import WeightFiles, read_json, resolve_source
+    from eagle3_mlx.convert.sources import WeightFiles, read_json, resolve_source
 
     src = resolve_source(args.src)
     if src.is_file():
@@ -114,7 +114,7 @@ def run(args) -> None:
     config = read_json(src / "config.json")
     weights = WeightFiles(src)
 
-    from .heads import HeadSource, convert_head, looks_like_head
+    from eagle3_mlx.convert.heads import HeadSource, convert_head, looks_like_head
 
     if looks_like_head(config, weights.shapes):
         hs = HeadSource(src, config, weights, log=_say)
@@ -134,7 +134,7 @@ def run(args) -> None:
     if "model_type" not in config:
         raise ConvertError(src, "unknown layout: config.json has no model_type and the weights match "
                                 "no EAGLE-3 head layout")
-    from .targets import convert_target, target_description
+    from eagle3_mlx.convert.targets import convert_target, target_description
 
     _say(f"detected: {target_description(config, weights)}")
     if target is not None:

@@ -35,6 +35,7 @@ import re
 import numpy as np
 
 from eagle3_mlx.convert.errors import GGUFError
+from eagle3_mlx.convert.gguf_reader import metadata_getter
 
 HYBRID_ARCHS = {"qwen3next": "qwen3_next", "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
 _HF_ARCH = {
@@ -76,18 +77,6 @@ _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)(?:\.(weight|bias))?$")
 # --------------------------------------------------------------------------- #
 # Config
 # --------------------------------------------------------------------------- #
-
-
-def _getter(meta: dict, arch: str, path):
-    def get(key, default=None, required=False):
-        full = f"{arch}.{key}"
-        if full in meta:
-            return meta[full]
-        if required:
-            raise GGUFError(path, f"missing metadata key {full!r}")
-        return default
-
-    return get
 
 
 def _one(value, what, path) -> int:
@@ -149,7 +138,7 @@ def _moe_config(arch, get, shapes, n_layers, path) -> dict:
 
 def hybrid_config(arch: str, meta: dict, shapes: dict, path) -> dict:
     """The mlx-lm ``config.json`` of a qwen3next / qwen35 / qwen35moe GGUF."""
-    get = _getter(meta, arch, path)
+    get = metadata_getter(meta, arch, path)
     if "token_embd.weight" not in shapes:
         raise GGUFError(path, "missing tensor 'token_embd.weight'")
     vocab, hidden = shapes["token_embd.weight"]

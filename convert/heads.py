@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import ConvertError, short
+from eagle3_mlx.convert.errors import ConvertError, short
 
 # LlamaConfig defaults: speculators serialises its nested layer config with
 # ``to_diff_dict``, which omits every field equal to these.
@@ -234,15 +234,28 @@ class HeadSource:
         settles ambiguous aux id conventions; ``rope_from`` (a target config)
         gives the draft the verifier's RoPE base and scaling, as speculators
         trains it (its converter once dropped ``rope_scaling``)."""
-        import mlx.core as mx
         import numpy as np
 
-        from eagle3_mlx.head import Eagle3Head, HeadConfig, HeadError, check_d2t, t2d_from_d2t
+        from eagle3_mlx.head import check_d2t, t2d_from_d2t
 
         cfg = merged_config(self.raw)
-        raw_names = list(self.weights.shapes)
+        mapping = self._map_names()
+        shapes = {m: tuple(self.weights.shapes[n]) for m, n in mapping.items()}
+        self._check_required(shapes)
+        d = self._fc_dims(cfg, shapes, aux_layer_ids, num_target_layers)
+        d.update(self._attention_dims(cfg, shapes, d["H"]))
+        w = self._load_checked(mapping, d)
+        d2t = self._vocab_mapping(w, d["V"], d["Vd"], mapping, check_d2t, t2d_from_d2t, np)
+        opts = self._norm_options(cfg, w, d)
+        opts.update(self._layer_options(cfg, w, d, mapping, rope_theta, rope_from))
+        opts["feedback"] = _feedback(cfg, self.layout, feedback, self.log)
+        head = self._make_head(cfg, w, d, opts)
+        return self._load_into(head, w, d2t, dtype)
+
+    def _map_names(self) -> dict:
+        """MLX head name -> checkpoint tensor name; unknown or clashing names refused."""
         mapping = {}
-        for n in raw_names:
+        for n in self.weights.shapes:
             m = normalize_name(n)
             if m is None:
                 continue
@@ -255,8 +268,9 @@ class HeadSource:
             if m in mapping:
                 raise self._err(n, f"tensors {mapping[m]!r} and {n!r} both map to {m!r}")
             mapping[m] = n
-        shapes = {m: tuple(self.weights.shapes[n]) for m, n in mapping.items()}
+        return mapping
 
+    def _check_required(self, shapes) -> None:
         for req in ("fc.weight", "norm.weight", "layers.0.hidden_norm.weight"):
             if req not in shapes:
                 raise ConvertError(self.src, f"not a usable EAGLE-3 head: no {req!r} "
@@ -264,9 +278,12 @@ class HeadSource:
         if "lm_head.weight" not in shapes:
             raise ConvertError(self.src, "the head has no lm_head.weight (heads that share the "
                                          "target's lm_head are not supported)")
-        H, fc_in = shapes["fc.weight"]
-        from ..compat import aux_ids_from_config, num_aux_states
 
+    def _fc_dims(self, cfg, shapes, aux_layer_ids, num_target_layers) -> dict:
+        """fc widths, aux states (ids and count), fc_norm tensors, vocabulary sizes."""
+        from eagle3_mlx.compat import aux_ids_from_config, num_aux_states
+
+        H, fc_in = shapes["fc.weight"]
         if aux_layer_ids is not None:
             aux, aux_from = list(aux_layer_ids), "--aux-layer-ids"
         else:
@@ -289,7 +306,10 @@ class HeadSource:
             self.log(f"note: config draft_vocab_size {cfg['draft_vocab_size']} disagrees with "
                      f"lm_head.weight ({Vd} rows); using {Vd}")
         V = self._vocab_size(cfg, shapes, Vd)
+        return dict(H=H, fc_in=fc_in, aux=aux, aux_from=aux_from, n_aux=n_aux, Ht=Ht,
+                    fc_norms=fc_norms, Vd=Vd, V=V)
 
+    def _attention_dims(self, cfg, shapes, H) -> dict:
         nh = int(cfg.get("num_attention_heads") or 0)
         nkv = int(cfg.get("num_key_value_heads") or nh)
         hd = int(cfg.get("head_dim") or (H // nh if nh else 0))
@@ -297,7 +317,12 @@ class HeadSource:
         for i in range(n_layers):
             if not any(m.startswith(f"layers.{i}.") for m in shapes):
                 raise ConvertError(self.src, f"layer {i} has no tensors (layers 0..{n_layers - 1} expected)")
+        return dict(nh=nh, nkv=nkv, hd=hd, n_layers=n_layers)
 
+    def _load_checked(self, mapping, d) -> dict:
+        """The tensors under MLX names, fused projections split, attention shapes
+        checked; sets ``d["I"]`` (the MLP width)."""
+        H, nh, nkv, hd = d["H"], d["nh"], d["nkv"], d["hd"]
         loaded = self.weights.load()
         w = {m: loaded[n] for m, n in mapping.items()}
         del loaded
@@ -311,23 +336,23 @@ class HeadSource:
             raise ConvertError(self.src, f"attention shape mismatch: q_proj has {q_rows} rows, k_proj "
                                          f"{w['layers.0.self_attn.k_proj.weight'].shape[0]}, but the config says "
                                          f"{nh} heads / {nkv} kv heads of dim {hd}")
-        I = w["layers.0.mlp.gate_proj.weight"].shape[0]
+        d["I"] = w["layers.0.mlp.gate_proj.weight"].shape[0]
+        return w
 
-        d2t = self._vocab_mapping(w, V, Vd, mapping, check_d2t, t2d_from_d2t, np)
-
+    def _norm_options(self, cfg, w, d) -> dict:
+        """norm_before_fc (an ``input_norm``) and norm_before_residual."""
         has_input_norm = "input_norm.weight" in w
         nbf = bool(_flag(cfg, "norm_before_fc"))
-        if has_input_norm and fc_norms:
+        if has_input_norm and d["fc_norms"]:
             raise ConvertError(self.src, "the head has both input_norm.weight (norm_before_fc) and "
                                          "fc_norm.{i}.weight (EAGLE-3.1 fc_norm); they are exclusive")
         if nbf and not has_input_norm:
             raise ConvertError(self.src, "config sets norm_before_fc but the weights have no input_norm.weight")
         if has_input_norm and not nbf:
             self.log("note: input_norm.weight present; applying it before fc (norm_before_fc)")
-        if has_input_norm and w["input_norm.weight"].shape != (fc_in,):
+        if has_input_norm and w["input_norm.weight"].shape != (d["fc_in"],):
             raise self._err("input_norm.weight", f"input_norm.weight has shape {tuple(w['input_norm.weight'].shape)}, "
-                                                 f"expected ({fc_in},)")
-
+                                                 f"expected ({d['fc_in']},)")
         if "norm_before_residual" in cfg:
             nbr = bool(cfg["norm_before_residual"])
         else:
@@ -335,7 +360,13 @@ class HeadSource:
             if self.layout == "speculators":
                 self.log("note: norm_before_residual is not in the config; using False (the speculators "
                          "default; vLLM would assume True)")
+        return dict(norm_before_fc=has_input_norm, norm_before_residual=nbr)
 
+    def _layer_options(self, cfg, w, d, mapping, rope_theta, rope_from) -> dict:
+        """Embedding, RoPE, sliding window, q/k norms and attention biases."""
+        import mlx.core as mx
+
+        H, Ht, hd = d["H"], d["Ht"], d["hd"]
         has_embed = "embed_tokens.weight" in w
         if not has_embed and Ht != H:
             raise ConvertError(self.src, f"the head has no embed_tokens.weight and its hidden_size {H} != "
@@ -347,8 +378,9 @@ class HeadSource:
                      + (f", {scaling.get('rope_type') or scaling.get('type')} scaling" if scaling else ""))
         if rope_theta is not None:
             theta = float(rope_theta)
+        aux_from = d["aux_from"]
         if aux_from and aux_from.startswith("eagle_config") and "+1" in aux_from:
-            self.log(f"note: aux layer ids from {aux_from}: {aux}")
+            self.log(f"note: aux layer ids from {aux_from}: {d['aux']}")
         window, layer_types = _window(cfg)
         qk_norm = "layers.0.self_attn.q_norm.weight" in w
         if qk_norm and w["layers.0.self_attn.q_norm.weight"].shape != (hd,):
@@ -361,26 +393,32 @@ class HeadSource:
                                          f"{'have' if attn_bias else 'have no'} q_proj.bias")
         if attn_bias and "layers.0.self_attn.o_proj.bias" not in w:
             # Qwen2-style: q/k/v biases only; o_proj gets a zero bias.
-            for i in range(n_layers):
+            for i in range(d["n_layers"]):
                 w[f"layers.{i}.self_attn.o_proj.bias"] = mx.zeros((H,), dtype=w["fc.weight"].dtype)
-        feedback = _feedback(cfg, self.layout, feedback, self.log)
+        return dict(has_embedding=has_embed, rope_theta=theta, rope_scaling=scaling,
+                    sliding_window=window, layer_types=layer_types, qk_norm=qk_norm,
+                    attention_bias=attn_bias)
+
+    def _make_head(self, cfg, w, d, opts):
+        from eagle3_mlx.head import Eagle3Head, HeadConfig, HeadError
 
         try:
             hcfg = HeadConfig(
-                hidden_size=H, intermediate_size=I, num_attention_heads=nh, num_key_value_heads=nkv,
-                head_dim=hd, vocab_size=V, draft_vocab_size=Vd, target_hidden_size=Ht,
-                num_hidden_layers=n_layers, rms_norm_eps=float(cfg.get("rms_norm_eps") or 1e-6),
-                rope_theta=theta, rope_scaling=scaling,
+                hidden_size=d["H"], intermediate_size=d["I"], num_attention_heads=d["nh"],
+                num_key_value_heads=d["nkv"], head_dim=d["hd"], vocab_size=d["V"],
+                draft_vocab_size=d["Vd"], target_hidden_size=d["Ht"],
+                num_hidden_layers=d["n_layers"], rms_norm_eps=float(cfg.get("rms_norm_eps") or 1e-6),
                 max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
-                norm_before_residual=nbr, norm_before_fc=has_input_norm, fc_bias="fc.bias" in w,
-                has_embedding=has_embed, aux_layer_ids=aux, source_format=self.layout,
-                num_aux_hidden_states=n_aux, fc_norm=bool(fc_norms),
-                norm_output=bool(_flag(cfg, "norm_output")), feedback=feedback, qk_norm=qk_norm,
-                attention_bias=attn_bias, sliding_window=window, layer_types=layer_types,
+                fc_bias="fc.bias" in w, aux_layer_ids=d["aux"], source_format=self.layout,
+                num_aux_hidden_states=d["n_aux"], fc_norm=bool(d["fc_norms"]),
+                norm_output=bool(_flag(cfg, "norm_output")), **opts,
             )
-            head = Eagle3Head(hcfg)
+            return Eagle3Head(hcfg)
         except (HeadError, ValueError, KeyError, TypeError) as e:
             raise ConvertError(self.src / "config.json", f"unusable head config ({short(e)})") from None
+
+    def _load_into(self, head, w, d2t, dtype):
+        import mlx.core as mx
 
         if dtype is not None:
             dt = getattr(mx, dtype)
@@ -472,9 +510,9 @@ def convert_head(head_src: HeadSource, stage: Path, *, dtype=None, quantize=Fals
     quantize it (if asked) and save it into ``stage``. Returns the head."""
     from eagle3_mlx.head import quantize_head, save_head
 
-    from ..compat import HeadTargetMismatch, check_head_against_target
+    from eagle3_mlx.compat import HeadTargetMismatch, check_head_against_target
 
-    from ..compat import target_dims
+    from eagle3_mlx.compat import target_dims
 
     L = target_dims(target_config[0])["num_hidden_layers"] if target_config is not None else None
     head = head_src.build(dtype=dtype, aux_layer_ids=aux_layer_ids, rope_theta=rope_theta,

@@ -11,7 +11,7 @@ import re
 import struct
 from pathlib import Path
 
-from .errors import ConvertError, short
+from eagle3_mlx.convert.errors import ConvertError, short
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
@@ -144,7 +144,7 @@ class WeightFiles:
         bins = bin_files(src)
         if not bins:
             raise ConvertError(src, "no weights found (expected *.safetensors or pytorch_model*.bin)")
-        from .torch_pickle import TorchCheckpoint
+        from eagle3_mlx.convert.torch_pickle import TorchCheckpoint
 
         self.kind, self.files = "pytorch .bin", bins
         self._ckpts = [TorchCheckpoint(f) for f in bins]

@@ -20,8 +20,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .errors import ConvertError, short
-from .sources import WeightFiles
+from eagle3_mlx.convert.errors import ConvertError, short
+from eagle3_mlx.convert.sources import WeightFiles
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -192,7 +192,7 @@ def convert_target(src: Path, stage: Path, *, config: dict, weights: WeightFiles
     with ``mtp.*`` tensors in the source, also ``mtp.safetensors``."""
     from mlx_lm.utils import quantize_model, save_config, save_model
 
-    from .heads import quant_defaults
+    from eagle3_mlx.convert.heads import quant_defaults
 
     mtp_names = _mtp_names(config, weights)
     if mtp_names and (config.get("quantization_config") or config.get("quantization")):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConvertError, short
+from eagle3_mlx.convert.errors import ConvertError, short
 
 # torch legacy typed-storage class -> (numpy dtype of the raw buffer, logical dtype)
 _STORAGE_DTYPES = {
