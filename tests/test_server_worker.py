@@ -48,7 +48,7 @@ class FakeEngine:
             finish = "cancelled" if cancel.is_set() else ("length" if n == max_tokens else None)
             yield SimpleNamespace(
                 text=chr(ids[(n - 1) % len(ids)]), token=ids[(n - 1) % len(ids)], from_draft=n % 2 == 0,
-                new_step=True, draft_ms=1.0, verify_ms=2.0, tokens_per_step=1.5, steps=n,
+                new_step=True, step_index=n - 1, step_tokens=1, source="eagle" if n % 2 == 0 else "", draft_ms=1.0, verify_ms=2.0, tokens_per_step=1.5, steps=n,
                 prompt_tokens=len(ids), generation_tokens=n, finish_reason=finish, source_tokens={},
                 speculative=True, prompt_ms=1.0, generation_tps=10.0)
             if finish:

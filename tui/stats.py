@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from eagle3_mlx.runs import Run
+
 # Fields copied from each engine response (see docs/architecture.md, Engine API).
 RESPONSE_FIELDS = (
     "tokens_per_step",
@@ -34,42 +36,44 @@ def _num(value: Any, kind=float):
 
 @dataclass(frozen=True)
 class TokenRecord:
-    """One streamed token (or text delta) of an answer."""
+    """One streamed token (or text delta) of an answer, shaped like the
+    engine's response as far as :class:`eagle3_mlx.runs.Run` reads it (the
+    running source counts travel in the snapshot instead)."""
 
     text: str
+    token: int
     from_draft: bool
     step_index: int | None
     new_step: bool
     step_tokens: int | None
     draft_ms: float | None
     verify_ms: float | None
+    steps: int = 0
+    finish_reason: str | None = None
+    source_tokens = None
 
     @classmethod
     def from_response(cls, r: Any) -> "TokenRecord":
-        return cls(
-            text=str(getattr(r, "text", "") or ""),
-            from_draft=bool(getattr(r, "from_draft", False)),
-            step_index=_num(getattr(r, "step_index", None), int),
-            new_step=bool(getattr(r, "new_step", False)),
-            step_tokens=_num(getattr(r, "step_tokens", None), int),
-            draft_ms=_num(getattr(r, "draft_ms", None)),
-            verify_ms=_num(getattr(r, "verify_ms", None)),
-        )
+        return cls(text=str(r.text or ""), token=int(r.token), from_draft=bool(r.from_draft),
+                   step_index=_num(r.step_index, int), new_step=bool(r.new_step),
+                   step_tokens=_num(r.step_tokens, int), draft_ms=_num(r.draft_ms),
+                   verify_ms=_num(r.verify_ms), steps=_num(r.steps, int) or 0,
+                   finish_reason=None if r.finish_reason is None else str(r.finish_reason))
 
 
 def snapshot_response(r: Any) -> dict:
     """Copy the running statistics of an engine response into a plain dict."""
     out = {}
     for name in RESPONSE_FIELDS:
-        v = getattr(r, name, None)
+        v = getattr(r, name)
         if name == "finish_reason":
             out[name] = None if v is None else str(v)
         elif name in ("generation_tokens", "prompt_tokens"):
             out[name] = _num(v, int)
         else:
             out[name] = _num(v)
-    src = getattr(r, "source_tokens", None)
-    if isinstance(src, dict) and getattr(r, "speculative", True):
+    src = r.source_tokens
+    if isinstance(src, dict) and r.speculative:
         # accepted drafted tokens per source so far: {"eagle": n, "ngram": n, "both": n}
         out["source_tokens"] = {str(k): _num(n, int) or 0 for k, n in src.items()}
     return out
@@ -80,17 +84,13 @@ class AnswerStats:
     """Statistics of one answer, accumulated on the UI side from TokenRecords.
 
     The running tau, tok/s, token counts and peak memory are the engine's own
-    figures (copied from its latest response), never recomputed here; this
-    class only collects the per-step series for the sparkline, the histogram
-    and the per-step timing means.
+    figures (copied from its latest response), never recomputed here; the
+    per-step series for the sparkline, the histogram and the per-step timing
+    means are the one stream accumulator's (:class:`eagle3_mlx.runs.Run`).
     """
 
     speculative: bool = True
-    step_lengths: list[int] = field(default_factory=list)
-    draft_ms: list[float] = field(default_factory=list)
-    verify_ms: list[float] = field(default_factory=list)
-    draft_tokens: int = 0
-    target_tokens: int = 0
+    run: Run = field(default_factory=Run)
     latest: dict = field(default_factory=dict)
     ttft_ms: float | None = None
     new_prompt_tokens: int | None = None
@@ -98,18 +98,7 @@ class AnswerStats:
 
     def add_tokens(self, records) -> None:
         for rec in records:
-            if rec.new_step and rec.step_tokens is not None:
-                self.step_lengths.append(rec.step_tokens)
-                # The prefill forward (step 0) has no draft/verify timing.
-                if not (rec.step_index == 0 and not rec.verify_ms):
-                    if rec.draft_ms is not None:
-                        self.draft_ms.append(rec.draft_ms)
-                    if rec.verify_ms is not None:
-                        self.verify_ms.append(rec.verify_ms)
-            if rec.from_draft:
-                self.draft_tokens += 1
-            else:
-                self.target_tokens += 1
+            self.run.add(rec)
 
     def update(self, latest: dict | None) -> None:
         if latest:
@@ -118,6 +107,18 @@ class AnswerStats:
                 self.finish_reason = latest["finish_reason"]
 
     # -- derived figures -------------------------------------------------
+    @property
+    def step_lengths(self) -> list[int]:
+        return self.run.step_lengths
+
+    @property
+    def draft_tokens(self) -> int:
+        return self.run.drafted
+
+    @property
+    def target_tokens(self) -> int:
+        return len(self.run.tokens) - self.run.drafted
+
     @property
     def tau(self) -> float | None:
         return self.latest.get("tokens_per_step")
@@ -144,11 +145,11 @@ class AnswerStats:
 
     @property
     def mean_draft_ms(self) -> float | None:
-        return self._mean(self.draft_ms)
+        return self._mean(self.run.step_draft_ms)
 
     @property
     def mean_verify_ms(self) -> float | None:
-        return self._mean(self.verify_ms)
+        return self._mean(self.run.step_verify_ms)
 
     def histogram(self) -> dict[int, int]:
         counts: dict[int, int] = {}

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from ..runs import Run
 from .schemas import ApiError
 
 
@@ -183,13 +184,13 @@ class EngineWorker:
             self.counters.cancelled += 1
             return
         started = False
-        acc = _Accumulator()
+        run = Run()
         before = engine.prompt_tokens_processed
         try:
             ids = self._encode(job.prompt)
             for r in engine.stream_generate(ids, cancel=job.cancel, **job.args):
                 started = True
-                acc.add(r)
+                run.add(r)
                 if r.text:
                     job.emit("delta", r.text)
                 if self.tuner is not None:
@@ -211,13 +212,13 @@ class EngineWorker:
                 job.emit("error", ApiError(500, f"generation failed: {type(e).__name__}: {e}",
                                            type="server_error"))
             return
-        summary = acc.summary(engine, engine.prompt_tokens_processed - before)
-        if summary["finish_reason"] == "cancelled":
+        totals = summary(run, engine, engine.prompt_tokens_processed - before)
+        if totals["finish_reason"] == "cancelled":
             self.counters.cancelled += 1
         else:
             self.counters.completed += 1
-        job.emit("done", summary)
-        if self.tuner is not None and summary["finish_reason"] != "cancelled":
+        job.emit("done", totals)
+        if self.tuner is not None and totals["finish_reason"] != "cancelled":
             self._retune()
 
     def _encode(self, prompt) -> list:
@@ -240,43 +241,29 @@ class EngineWorker:
             self.tuner = None
 
 
-class _Accumulator:
-    """Per-request totals of the engine's per-token responses."""
-
-    def __init__(self):
-        self.last = None
-        self.draft_ms = self.verify_ms = 0.0
-        self.accepted = 0
-
-    def add(self, r):
-        self.last = r
-        if r.new_step:  # a step's timings repeat on each of its tokens
-            self.draft_ms += r.draft_ms
-            self.verify_ms += r.verify_ms
-        self.accepted += bool(r.from_draft)
-
-    def summary(self, engine, prompt_processed: int) -> dict:
-        r = self.last
-        if r is None:
-            return {"finish_reason": "length", "prompt_tokens": 0, "completion_tokens": 0,
-                    "cached_tokens": 0, "eagle3": {}}
-        spec = engine.spec
-        return {
-            "finish_reason": r.finish_reason or "length",
-            "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.generation_tokens,
-            "cached_tokens": max(0, r.prompt_tokens - prompt_processed),
-            "eagle3": {
-                "speculative": r.speculative,
-                "draft_source": engine.draft_source,
-                "tree": f"{spec.top_k},{spec.depth},{spec.total_tokens}",
-                "tokens_per_step": round(r.tokens_per_step, 4),
-                "steps": r.steps,
-                "accepted_drafts": self.accepted,
-                "source_tokens": dict(r.source_tokens or {}),
-                "draft_ms": round(self.draft_ms, 3),
-                "verify_ms": round(self.verify_ms, 3),
-                "prompt_ms": round(r.prompt_ms, 3),
-                "generation_tps": round(r.generation_tps, 2),
-            },
-        }
+def summary(run: Run, engine, prompt_processed: int) -> dict:
+    """A request's totals (usage, finish reason, the ``eagle3`` statistics)."""
+    r = run.last
+    if r is None:
+        return {"finish_reason": "length", "prompt_tokens": 0, "completion_tokens": 0,
+                "cached_tokens": 0, "eagle3": {}}
+    spec = engine.spec
+    return {
+        "finish_reason": r.finish_reason or "length",
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.generation_tokens,
+        "cached_tokens": max(0, r.prompt_tokens - prompt_processed),
+        "eagle3": {
+            "speculative": r.speculative,
+            "draft_source": engine.draft_source,
+            "tree": f"{spec.top_k},{spec.depth},{spec.total_tokens}",
+            "tokens_per_step": round(r.tokens_per_step, 4),
+            "steps": r.steps,
+            "accepted_drafts": run.drafted,
+            "source_tokens": dict(r.source_tokens or {}),
+            "draft_ms": round(run.draft_ms, 3),
+            "verify_ms": round(run.verify_ms, 3),
+            "prompt_ms": round(r.prompt_ms, 3),
+            "generation_tps": round(r.generation_tps, 2),
+        },
+    }
