@@ -43,6 +43,7 @@ class Run:
     step_lengths: List[int] = field(default_factory=list)   # committed tokens per target forward
     step_draft_ms: List[float] = field(default_factory=list)   # per step that drafted or decoded
     step_verify_ms: List[float] = field(default_factory=list)
+    prompt_processed: Optional[int] = None   # prompt tokens not reused from the cache (the owner's runs)
     started: float = field(default_factory=time.perf_counter)
     _first: Optional[float] = None
 

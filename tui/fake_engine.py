@@ -1,9 +1,10 @@
 """A small deterministic stand-in for ``eagle3_mlx.Engine``.
 
 It streams a fixed Markdown answer in fixed-size "steps" with fixed timings,
-so UI layout and snapshot tests are reproducible and need no model.  It
-implements the same surface the chat uses: ``stream_generate``, ``reset``,
-``set_tree`` and ``prompt_tokens_processed``.
+so UI layout and snapshot tests are reproducible and need no model.  It has
+the real engine's attributes the chat uses: ``stream_generate``, ``reset``,
+``set_tree``, ``spec``, ``draft_source``, ``max_context`` and
+``prompt_tokens_processed``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import time
 
 from eagle3_mlx.engine import GenerationResponse
+from eagle3_mlx.treespec import TreeSpec
 
 DEFAULT_ANSWER = (
     "Speculative decoding lets a small **draft head** propose several tokens, "
@@ -43,6 +45,12 @@ class FakeEngine:
         self._cache: list[str] = []
         self.calls: list[dict] = []
         self.fail_next: BaseException | None = None
+        self.draft_source = "eagle"
+        self.max_context = 32768
+
+    @property
+    def spec(self) -> TreeSpec:
+        return TreeSpec(self.top_k, self.depth, self.total_tokens)
 
     # -- engine surface -------------------------------------------------
     def reset(self) -> None:

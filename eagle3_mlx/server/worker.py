@@ -1,10 +1,11 @@
-"""The one engine thread of the server, and its bounded FIFO of requests.
+"""The server's side of the engine owner: a bounded FIFO of requests and the
+events each request's asyncio queue receives.
 
 Contract:
-* :class:`EngineWorker` starts ONE thread that loads the engine (``loader()``
-  runs there) and then does every piece of MLX work: MLX streams are
-  thread-local, so the engine must never be touched from the HTTP threads.
-  One generation runs at a time.
+* :class:`EngineWorker` runs on one :class:`eagle3_mlx.owner.EngineOwner`:
+  ``loader()`` runs on the owner's thread and every piece of MLX work stays
+  there (MLX streams are thread-local: the HTTP threads never touch the
+  engine). One generation runs at a time.
 * ``submit(prompt, args, loop)`` (called on the asyncio loop) queues a
   :class:`Job` in arrival order; beyond ``queue_size`` waiting jobs it raises
   :class:`QueueFull` (the app answers 429 with ``Retry-After``), and after
@@ -25,13 +26,13 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from ..owner import Closed, EngineOwner, Full
 from ..runs import Run
 from .schemas import ApiError
 
@@ -73,6 +74,9 @@ class Counters:
     rejected_queue_full: int = 0
 
 
+SHUTTING_DOWN = dict(type="server_error", code="shutting_down")
+
+
 class EngineWorker:
     """``loader()`` runs on the engine thread and returns ``(engine, tuner)``;
     ``tuner`` (an ``OnlineTuner`` for ``--tree auto``, or None) sees every
@@ -81,24 +85,29 @@ class EngineWorker:
     def __init__(self, loader: Callable[[], tuple], *, queue_size: int = 16):
         if queue_size < 1:
             raise ValueError("queue_size must be at least 1")
-        self._loader = loader
         self.queue_size = queue_size
-        self.engine: Any = None
-        self.tuner: Any = None
-        self.load_error: Optional[BaseException] = None
-        self.loaded = threading.Event()
         self.counters = Counters()
-        self._waiting: collections.deque = collections.deque()
-        self._running: Optional[Job] = None
-        self._cond = threading.Condition()
-        self._closing = False
         self._avg_s = 1.0  # running mean of a request's engine time, for Retry-After
-        self._thread = threading.Thread(target=self._run, name="eagle3-engine", daemon=True)
+        self._owner = EngineOwner(loader, self._serve)
+        self._thread = self._owner.thread
+        self.loaded = self._owner.loaded
+
+    @property
+    def engine(self):
+        return self._owner.engine
+
+    @property
+    def tuner(self):
+        return self._owner.tuner
+
+    @property
+    def load_error(self) -> Optional[BaseException]:
+        return self._owner.load_error
 
     # -- asyncio side ----------------------------------------------------------------
 
     def start(self):
-        self._thread.start()
+        self._owner.start()
 
     def wait_loaded(self, timeout: Optional[float] = None):
         """Block until the engine is loaded; re-raise the load error."""
@@ -110,116 +119,67 @@ class EngineWorker:
         return self.engine
 
     def submit(self, prompt, args: dict, loop: asyncio.AbstractEventLoop) -> Job:
-        job = Job(prompt, dict(args), loop)
-        with self._cond:
-            if self._closing:
-                raise ShuttingDown()
-            if len(self._waiting) >= self.queue_size:
-                self.counters.rejected_queue_full += 1
-                ahead = len(self._waiting) + (self._running is not None)
-                raise QueueFull(max(1, round(self._avg_s * ahead)))
-            self._waiting.append(job)
-            self._cond.notify()
-        return job
+        try:
+            return self._owner.submit(Job(prompt, dict(args), loop), max_waiting=self.queue_size)
+        except Closed:
+            raise ShuttingDown() from None
+        except Full as full:
+            self.counters.rejected_queue_full += 1
+            raise QueueFull(max(1, round(self._avg_s * full.ahead))) from None
 
     def cancel(self, job: Job):
         job.cancel.set()
-        with self._cond:
-            try:
-                self._waiting.remove(job)
-            except ValueError:
-                return  # running (stops at its next step) or already finished
+        if self._owner.remove(job):
             self.counters.cancelled += 1
+        # else running (stops at its next step) or already finished
 
     def shutdown(self):
         """Refuse new jobs, fail the waiting ones (503) and cancel the running one."""
-        with self._cond:
-            self._closing = True
-            waiting, self._waiting = list(self._waiting), collections.deque()
-            if self._running is not None:
-                self._running.cancel.set()
-            self._cond.notify_all()
-        for job in waiting:
-            job.cancel.set()
-            job.emit("error", ApiError(503, "the server is shutting down", type="server_error",
-                                       code="shutting_down"))
+        for job in self._owner.close():
+            job.emit("error", ApiError(503, "the server is shutting down", **SHUTTING_DOWN))
 
     def join(self, timeout: Optional[float] = None):
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        self._owner.join(timeout)
 
     def status(self) -> dict:
-        with self._cond:
-            return {"waiting": len(self._waiting), "running": self._running is not None,
-                    "queue_size": self.queue_size, **vars(self.counters)}
+        return {**self._owner.status(), "queue_size": self.queue_size, **vars(self.counters)}
 
     # -- engine thread -------------------------------------------------------------
 
-    def _run(self):
-        try:
-            self.engine, self.tuner = self._loader()
-        except BaseException as e:  # noqa: BLE001 - reported by wait_loaded
-            self.load_error = e
-            self.loaded.set()
-            return
-        self.loaded.set()
-        while True:
-            with self._cond:
-                while not self._waiting and not self._closing:
-                    self._cond.wait()
-                if not self._waiting:
-                    return  # closing and nothing left
-                job = self._running = self._waiting.popleft()
-            t0 = time.perf_counter()
-            try:
-                self._serve(job)
-            finally:
-                with self._cond:
-                    self._running = None
-                self._avg_s = 0.8 * self._avg_s + 0.2 * (time.perf_counter() - t0)
-
     def _serve(self, job: Job):
-        engine = self.engine
-        if job.cancel.is_set():
+        if self.engine is None or job.cancel.is_set():
             self.counters.cancelled += 1
             return
-        started = False
-        run = Run()
-        before = engine.prompt_tokens_processed
+        t0 = time.perf_counter()
         try:
-            ids = self._encode(job.prompt)
-            for r in engine.stream_generate(ids, cancel=job.cancel, **job.args):
-                started = True
-                run.add(r)
-                if r.text:
-                    job.emit("delta", r.text)
-                if self.tuner is not None:
-                    self.tuner.observe(r)
-        except ApiError as e:
-            self.counters.failed += 1
-            job.emit("error", e)
-            return
-        except Exception as e:  # noqa: BLE001 - one request's failure never stops the server
-            from ..engine import ContextLimitError
+            self._generate(job)
+        finally:
+            self._avg_s = 0.8 * self._avg_s + 0.2 * (time.perf_counter() - t0)
 
+    def _generate(self, job: Job):
+        started = []
+
+        def emit(r):
+            started.append(True)
+            if r.text:
+                job.emit("delta", r.text)
+
+        try:
+            run = self._owner.generate(self._encode(job.prompt), cancel=job.cancel, on_response=emit,
+                                       **job.args)
+        except Exception as e:  # noqa: BLE001 - one request's failure never stops the server
             self.counters.failed += 1
-            if isinstance(e, ContextLimitError):
-                job.emit("error", ApiError(400, str(e), param="messages", code="context_length_exceeded"))
-            elif isinstance(e, (ValueError, TypeError)) and not started:
-                job.emit("error", ApiError(400, str(e)))
-            else:
-                engine.reset()  # the KV cache may be half-updated: start clean next time
-                job.emit("error", ApiError(500, f"generation failed: {type(e).__name__}: {e}",
-                                           type="server_error"))
+            job.emit("error", api_error(e, started=bool(started)))
             return
-        totals = summary(run, engine, engine.prompt_tokens_processed - before)
-        if totals["finish_reason"] == "cancelled":
+        totals = summary(run, self.engine, run.prompt_processed)
+        cancelled = totals["finish_reason"] == "cancelled"
+        if cancelled:
             self.counters.cancelled += 1
         else:
             self.counters.completed += 1
         job.emit("done", totals)
-        if self.tuner is not None and totals["finish_reason"] != "cancelled":
-            self._retune()
+        if not cancelled:
+            self._owner.retune()   # a failing tuner is dropped: the tree stays
 
     def _encode(self, prompt) -> list:
         """Token ids of the prompt (tokenizer work stays on this thread: HF fast
@@ -234,11 +194,18 @@ class EngineWorker:
             raise ApiError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         return ids
 
-    def _retune(self):
-        try:
-            self.tuner.maybe_retune()
-        except Exception:  # noqa: BLE001 - tuning is optional: keep the current tree
-            self.tuner = None
+
+def api_error(e: Exception, started: bool) -> ApiError:
+    """The OpenAI-shaped error a failed generation answers with."""
+    from ..engine import ContextLimitError
+
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ContextLimitError):
+        return ApiError(400, str(e), param="messages", code="context_length_exceeded")
+    if isinstance(e, (ValueError, TypeError)) and not started:
+        return ApiError(400, str(e))
+    return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
 
 
 def summary(run: Run, engine, prompt_processed: int) -> dict:
