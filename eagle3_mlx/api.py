@@ -32,8 +32,9 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
 
     ``spec_options``: ``top_k``, ``depth``, ``total_tokens``, ``kv_bits``,
     ``kv_group_size``, ``max_context``, ``aux_layer_ids``, ``draft_source``
-    ("eagle", "mtp", "ngram" or "hybrid"; a model that ships MTP weights and has
-    no head drafts with its MTP module and n-grams by default), ``ngram_tokens``, ``ngram_min_score``.
+    ("eagle", "mtp", "ngram" or "hybrid"; a model that ships MTP weights drafts
+    with its MTP module, the head if given, and n-grams by default), ``ngram_tokens``,
+    ``ngram_min_score``.
     ``model_dtype``: cast the target's floating weights (e.g. ``"float32"`` on a CPU).
     ``tree``: as the CLI's ``--tree``: ``"auto"`` uses the tree calibrated for
     this machine (measured once, about a minute, then cached) and ranks hybrid
@@ -62,7 +63,8 @@ def load(model_path: str, draft_path: str | None = None, *, model_dtype: str | N
         head_dir = resolve_head(draft_path, target_config=model_dir / "config.json", log=log)
         head = load_head(head_dir, feedback=draft_feedback)
     source = spec_options.get("draft_source")
-    if head is None and source != "ngram":
+    if source not in ("ngram", "eagle"):
+        # The MTP module drafts beside a head too ("hybrid": one tree from both).
         mtp = _load_mtp(model_dir, model, source)
     engine = Engine(model, tokenizer, head, mtp=mtp, **spec_options)
     if tree is not None and engine.head is not None:   # an EAGLE-3 head or the MTP module

@@ -28,7 +28,9 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .head import Eagle3Head, HeadError
-from .hybrid import EAGLE, NGRAM, NgramAcceptance, NodeCosts, check_source, merge_tree
+from .drafters import model_drafters
+from .hybrid import (EAGLE, NGRAM, NgramAcceptance, NodeCosts, check_source, merge_tree, source_label,
+                     uses)
 from .ngram import ContextMatcher
 from .recurrent import TreeShape
 from .target import TargetModel, compact_cache, trim_cache
@@ -64,9 +66,9 @@ class GenerationResponse:
     peak_memory: float
     finish_reason: Optional[str] = None
     speculative: bool = True
-    source: str = ""              # drafted token: "eagle", "ngram" or "both"; "" for the bonus
-    source_tokens: Optional[dict] = None  # accepted drafted tokens so far, per source
-    drafter: str = "eagle"        # what fills the "eagle" source: an EAGLE-3 head or "mtp"
+    source: str = ""              # drafted token: its hybrid.source_label; "" for the bonus
+    source_tokens: Optional[dict] = None  # accepted drafted tokens so far, per source label
+    drafter: str = "eagle"        # the engine's first model drafter: "eagle" (a head) or "mtp"
 
 
 def check_compatible(head: Eagle3Head, target: TargetModel):
@@ -110,14 +112,13 @@ def match_head_dtype(head: Eagle3Head, target: TargetModel):
         head.set_dtype(dt)
 
 
-_SOURCE_NAMES = {EAGLE: "eagle", NGRAM: "ngram", EAGLE | NGRAM: "both"}
-
-
 class Engine:
-    """``head`` may be None: the engine then drafts from context n-grams only.
+    """``head`` (an EAGLE-3 head) and ``mtp`` (the target's MTP module) may each
+    be None: without both the engine drafts from context n-grams only.
 
-    ``draft_source``: "eagle" (head only), "ngram" (context n-grams only) or
-    "hybrid" (both in one tree). Default: "hybrid" with a head, "ngram" without. ``ngram_tokens``:
+    ``draft_source``: "eagle" (head only), "mtp" (MTP only), "ngram" (context
+    n-grams only) or "hybrid" (every model drafter and n-grams in one tree).
+    Default: "hybrid" with a model drafter, "ngram" without. ``ngram_tokens``:
     longest n-gram continuation drafted; ``ngram_min_score``: an n-gram node
     joins the tree only when its estimated path acceptance is at least this
     (each node widens the verify; on a CPU that costs a few % of a step)."""
@@ -130,25 +131,21 @@ class Engine:
                  ngram_candidates: int = 3, ngram_min_score: float = 0.1, mtp=None):
         self.model = model
         self.tokenizer = tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
-        if mtp is not None and head is not None:
-            raise ValueError("an EAGLE-3 head and an MTP module cannot draft together yet; "
-                             "give one of them")
         aux = aux_layer_ids or (head.config.aux_layer_ids if head is not None else None)
-        # Without an EAGLE-3 head no aux layers are read (MTP reads the final state).
-        self.target = TargetModel(model, aux, final_features=head is None)
+        # An EAGLE-3 head reads aux layers, MTP the final-normed state; with
+        # neither, the final state (no aux layers to capture).
+        self.target = TargetModel(model, aux, final_features=mtp is not None or head is None,
+                                  aux_features=head is not None)
         if head is not None:
             check_compatible(head, self.target)
             match_head_dtype(head, self.target)
-        if mtp is not None:
-            from .mtp_draft import MTPDrafter
-
-            head = MTPDrafter(mtp, self.target)
-        self.head = head
-        # The model drafter's name: "eagle" (EAGLE-3 head) or "mtp"; its accepted
-        # tokens are counted under source "eagle" either way.
-        self.drafter = getattr(head, "kind", "eagle")
-        self.draft_source = draft_source or ("hybrid" if head is not None else "ngram")
-        check_source(self.draft_source, head is not None, self.drafter)
+        self.drafters: list = model_drafters(head, mtp, self.target)
+        # The first model drafter: what calibration measures and the tree shape fits.
+        self.head = self.drafters[0].head if self.drafters else None
+        self.drafter = self.drafters[0].name if self.drafters else "eagle"
+        names = [d.name for d in self.drafters]
+        self.draft_source = draft_source or ("hybrid" if names else "ngram")
+        check_source(self.draft_source, names)
         if not isinstance(ngram_tokens, int) or ngram_tokens < 1:
             raise ValueError(f"ngram_tokens must be a positive integer, got {ngram_tokens!r}")
         self.ngram_tokens, self.ngram_candidates = ngram_tokens, ngram_candidates
@@ -179,8 +176,8 @@ class Engine:
         """Forget the conversation: drop both KV caches."""
         self._tokens: list = []       # tokens whose KV the target cache holds
         self._tcache = None
-        self._dcache = None
-        self._draft_len = 0           # stable draft rows valid for self._tokens
+        for d in self.drafters:
+            d.forget()
 
     def set_tree(self, top_k: Optional[int] = None, depth: Optional[int] = None,
                  total_tokens: Optional[int] = None):
@@ -192,13 +189,21 @@ class Engine:
         ))
 
     def _check_tree(self, spec: TreeSpec) -> TreeSpec:
-        vd = self.head.config.draft_vocab_size if self.head is not None else spec.top_k
+        vd = min((d.head.config.draft_vocab_size for d in self.drafters), default=spec.top_k)
         if spec.top_k > vd:
             raise ValueError(f"tree top_k {spec.top_k} exceeds the head's draft vocabulary size {vd}")
         return spec
 
+    def _embedder(self, head):
+        return lambda ids: head.embed(ids, self.target.embed_tokens)
+
+    # The first model drafter's embedding and cache, as tests and tools read them.
     def _head_embed(self, ids):
-        return self.head.embed(ids, self.target.embed_tokens)
+        return self._embedder(self.head)(ids)
+
+    @property
+    def _dcache(self):
+        return self.drafters[0].cache if self.drafters else None
 
     # -- prompts -------------------------------------------------------------------
 
@@ -223,8 +228,9 @@ class Engine:
         positions, plus the index of the first of those positions."""
         if self._tcache is None:
             self._tcache = self.target.make_cache()
-            self._dcache = self.head.make_cache() if self.head is not None else None
-            self._tokens, self._draft_len = [], 0
+            self._tokens = []
+            for d in self.drafters:
+                d.cache, d.length = d.head.make_cache(), 0
         common = 0
         for a, b in zip(self._tokens, ids):
             if a != b:
@@ -232,11 +238,11 @@ class Engine:
             common += 1
         # Keep one position back: its features are needed to re-extend the draft,
         # and the draft row at p also depends on token p+1.
-        c = max(0, min(common - 1, len(ids) - 1,
-                       self._draft_len if self.head is not None else common))
+        c = max(0, min(common - 1, len(ids) - 1, *(d.length for d in self.drafters)))
         c = trim_cache(self._tcache, c)   # a hybrid target may only go back further
-        if self._dcache is not None:
-            trim_cache(self._dcache, c)
+        for d in self.drafters:
+            trim_cache(d.cache, c)
+            d.length = c
         rest = mx.array(ids[c:], dtype=mx.int32)[None]
         n = rest.shape[1]
         feats = []
@@ -254,7 +260,6 @@ class Engine:
         feats.append(f)
         self.prompt_tokens_processed += n
         self._tokens = list(ids)
-        self._draft_len = c
         return logits[0, -1], mx.concatenate(feats, axis=1), c
 
     def _quantize_cache(self):
@@ -272,8 +277,7 @@ class Engine:
                         cancel=None, repetition_penalty: Optional[float] = None,
                         seed: Optional[int] = None,
                         draft_source: Optional[str] = None) -> Iterator[GenerationResponse]:
-        source = check_source(draft_source or self.draft_source, self.head is not None,
-                              self.drafter)
+        source = check_source(draft_source or self.draft_source, [d.name for d in self.drafters])
         if repetition_penalty not in (None, 1.0) and speculative:
             raise ValueError(
                 "repetition_penalty is not supported with speculative decoding (it would "
@@ -306,27 +310,44 @@ class Engine:
             yield from self._generate(ids, max_tokens, params, stop or (), speculative, cancel,
                                       penalty, source)
 
-    def _draft(self, source, ext_ids, feats, root, root_h):
-        """The step's tree from the chosen source(s), plus what merging recorded."""
-        eagle = None
-        if source != "ngram":
-            eagle = draft_tree(self.head, self._head_embed, self._dcache, ext_ids, feats, root,
-                               self.spec)
-            if source == "eagle":
-                mx.eval(eagle.tokens, eagle.ancestors)
-                return eagle, None
+    def _draft(self, source, drafters, ext_ids, feats, root, root_h, cur_len):
+        """The step's tree from the chosen source(s), plus what merging recorded
+        (None when one model drafter's tree is verified as drafted)."""
+        trees = []
+        for d in drafters:
+            if d.length + ext_ids.shape[1] != cur_len:
+                raise RuntimeError(f"{d.name} draft cache out of sync with the target")
+            trees.append((d.bit, draft_tree(d.head, self._embedder(d.head), d.cache, ext_ids,
+                                             feats, root, self.spec)))
+            d.length = cur_len
+        if source != "hybrid" and source != "ngram":
+            tree = trees[0][1]
+            mx.eval(tree.tokens, tree.ancestors)
+            return tree, None
         cands = self.matcher.propose(self.ngram_tokens, self.ngram_candidates)
-        if eagle is not None:
-            mx.eval(eagle.tokens, eagle.parents, eagle.scores)
+        mx.eval([(t.tokens, t.parents, t.scores) for _, t in trees])
         merged = merge_tree(root_h, cands, self.ngram_acceptance, self.max_tree_nodes(source),
-                            self.ngram_min_score, eagle, self.node_costs)
+                            self.ngram_min_score, costs=self.node_costs, models=trees)
         return merged.tree, merged
 
     def max_tree_nodes(self, source: str) -> int:
-        """Largest tree a step can verify: the head's tree, widened to hold one
-        full n-gram continuation when n-grams draft too."""
+        """Largest tree a step can verify: the drafters' tree shape, widened to
+        hold one full n-gram continuation when n-grams draft too."""
         head_nodes = self.spec.num_nodes if source != "ngram" else 1
-        return head_nodes if source == "eagle" else max(head_nodes, 1 + self.ngram_tokens)
+        return head_nodes if source in ("eagle", "mtp") else max(head_nodes, 1 + self.ngram_tokens)
+
+    def _source_keys(self, source) -> dict:
+        """Accepted drafted tokens per label, zero for every label this engine's
+        sources can give (so counts read the same across sources)."""
+        # Without a model drafter the counts keep the head engine's keys (eagle 0).
+        bits = [d.bit for d in self.drafters] or [EAGLE]
+        bits.append(NGRAM)
+        combos = {0}
+        for b in bits:
+            combos |= {c | b for c in combos}
+        # single sources first, model drafters before n-grams: eagle, mtp, ngram, both, ...
+        order = sorted((c for c in combos if c), key=lambda c: (bin(c).count("1"), bool(c & NGRAM), c))
+        return {source_label(c): 0 for c in order}
 
     def _generate(self, ids, max_tokens, params, stops, speculative, cancel, penalty, source):
         tok = self.tokenizer
@@ -341,8 +362,9 @@ class Engine:
             last_logits = penalty(mx.array(history)[None], last_logits[None])[0]
         root = choose(last_logits, params).reshape(1)
         mx.eval(root, feats)
-        uses_head = speculative and source != "ngram"
-        uses_ngram = speculative and source != "eagle"
+        names = uses(source, [d.name for d in self.drafters]) if speculative else []
+        drafting = [d for d in self.drafters if d.name in names]
+        uses_ngram = speculative and source in ("ngram", "hybrid")
         if uses_ngram:
             # indexing the prompt is prompt work (~170 ms at 8k tokens), not a decode step's
             self.matcher.sync(ids)
@@ -359,7 +381,7 @@ class Engine:
         gen_tic = time.perf_counter()
         pending = [(int(root.item()), "")]
         draft_ms = verify_ms = 0.0
-        source_tokens = {"eagle": 0, "ngram": 0, "both": 0}
+        source_tokens = self._source_keys(source)
 
         while True:
             # ---- emit the tokens committed by the last step ----
@@ -413,21 +435,18 @@ class Engine:
             steps += 1
             t0 = time.perf_counter()
             if speculative:
-                if uses_head and self._draft_len + ext_ids.shape[1] != cur_len:
-                    raise RuntimeError("draft cache out of sync with the target")
-                tree, merged = self._draft(source, ext_ids, feats, root, history[-1])
-                if uses_head:
-                    self._draft_len = cur_len
+                tree, merged = self._draft(source, drafting, ext_ids, feats, root, history[-1],
+                                           cur_len)
                 t1 = time.perf_counter()
                 path, tokens_h, bonus, bonus_h, feats = verify_step(
                     self.target, self._tcache, tree, cur_len, params)
                 accepted = [tokens_h[i] for i in path[1:]]
                 if merged is not None:
-                    srcs = [_SOURCE_NAMES[merged.sources[i]] for i in path[1:]]
+                    srcs = [source_label(merged.sources[i]) for i in path[1:]]
                     for n, proposed in merged.proposals:
                         self.ngram_acceptance.update(n, proposed, accepted + [bonus_h])
                 else:
-                    srcs = ["eagle"] * len(accepted)
+                    srcs = [drafting[0].name] * len(accepted)
                 t2 = time.perf_counter()
             else:
                 t1 = t0
@@ -447,7 +466,8 @@ class Engine:
         # The target cache holds cur_len positions: the prompt plus every
         # committed token except the last, not yet processed one.
         self._tokens = history[:cur_len]
-        self._draft_len = min(self._draft_len, cur_len)
+        for d in self.drafters:
+            d.length = min(d.length, cur_len)
 
     def generate(self, prompt: Prompt, verbose: bool = False, **kwargs) -> str:
         text, last = "", None

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -66,19 +66,25 @@ def from_model(label: str) -> bool:
 _DEPTH_TIEBREAK = 1e-3       # as in tree.py: a parent outranks its children on ties
 
 
-def check_source(source: str, has_head: bool, drafter: str = "eagle") -> str:
-    """The source as the engine runs it: "eagle" is the model drafter's slot,
-    filled by an EAGLE-3 head or (``drafter="mtp"``) the target's MTP module."""
+def check_source(source: str, drafters: Sequence[str]) -> str:
+    """``source`` checked against the engine's model drafters (names: "eagle"
+    for an EAGLE-3 head, "mtp" for the target's MTP module). "hybrid" drafts
+    with every model drafter and context n-grams in one tree."""
     if source not in SOURCES:
         raise ValueError(f"draft source must be one of {', '.join(SOURCES)}, got {source!r}")
-    if source in ("eagle", "mtp", "hybrid") and not has_head:
+    if source == "ngram" or source in drafters or (source == "hybrid" and drafters):
+        return source
+    if not drafters:
         need = "MTP weights in the model" if source == "mtp" else "an EAGLE-3 head (--draft)"
         raise ValueError(f"draft source {source!r} needs {need}; use 'ngram' to speculate without one")
-    if source in ("eagle", "mtp") and source != drafter:
-        have = "its MTP module" if drafter == "mtp" else "an EAGLE-3 head"
-        raise ValueError(f"draft source {source!r} is not available: this engine drafts with {have} "
-                         f"(use {drafter!r}, 'ngram' or 'hybrid')")
-    return "eagle" if source == "mtp" else source
+    have = " and ".join("an EAGLE-3 head" if d == "eagle" else "its MTP module" for d in drafters)
+    raise ValueError(f"draft source {source!r} is not available: this engine drafts with {have} "
+                     f"(use {', '.join(repr(d) for d in drafters)}, 'ngram' or 'hybrid')")
+
+
+def uses(source: str, drafters: Sequence[str]) -> List[str]:
+    """The model drafters a (checked) source drafts with."""
+    return list(drafters) if source == "hybrid" else [d for d in drafters if d == source]
 
 
 KINDS = ("first", "later")   # a candidate's first token; any token after an accepted one
@@ -170,29 +176,26 @@ class NodeCosts:
 @dataclass
 class MergedTree:
     tree: DraftTree
-    sources: List[int]                  # per node: EAGLE / NGRAM bits (root 0)
+    sources: List[int]                  # per node: EAGLE / NGRAM / MTP bits (root 0)
     proposals: List[tuple]              # (match_len, tokens in the tree) per n-gram candidate
 
 
 def merge_tree(root_token: int, candidates: Sequence[Candidate], acceptance: NgramAcceptance,
                max_nodes: int, min_score: float, eagle: Optional[DraftTree] = None,
-               costs: Optional[NodeCosts] = None) -> MergedTree:
-    """Merge the head's tree and the n-gram candidates into at most ``max_nodes``
-    nodes; n-gram nodes scoring below ``min_score`` are not worth their verify
-    cost. With ``costs`` (calibrated) the n-gram-only nodes are further cut to
-    the best-scoring ones whose expected accepted tokens pay for the wider verify."""
+               costs: Optional[NodeCosts] = None,
+               models: Sequence[Tuple[int, DraftTree]] = ()) -> MergedTree:
+    """Merge the model drafters' trees (``eagle``: the head's; ``models``: (source
+    bit, tree) pairs, e.g. the MTP module's) and the n-gram candidates into at
+    most ``max_nodes`` nodes; n-gram nodes scoring below ``min_score`` are not
+    worth their verify cost. With ``costs`` (calibrated) the n-gram-only nodes
+    are further cut to the best-scoring ones whose expected accepted tokens pay
+    for the wider verify. A node two model drafters share keeps the larger of
+    their probabilities."""
     tokens, parents, scores, sources = [int(root_token)], [0], [1.0], [0]
     child = {}
-    if eagle is not None:
-        e_tok = eagle.tokens.tolist()
-        e_par = eagle.parents.tolist()
-        e_sc = np.exp(np.array(eagle.scores.astype(mx.float32))).tolist()
-        for i in range(1, eagle.size):
-            child[(e_par[i], e_tok[i])] = len(tokens)
-            tokens.append(e_tok[i])
-            parents.append(e_par[i])
-            scores.append(e_sc[i])
-            sources.append(EAGLE)
+    drafted = ([(EAGLE, eagle)] if eagle is not None else []) + list(models)
+    for bit, tree in drafted:
+        _add_model_tree(tree, bit, tokens, parents, scores, sources, child)
     paths = []
     for cand in candidates:
         first, later = acceptance.rate(cand.match_len), acceptance.rate(cand.match_len, later=True)
@@ -221,10 +224,33 @@ def merge_tree(root_token: int, candidates: Sequence[Candidate], acceptance: Ngr
         tokens, parents, scores, sources, paths = _admit(tokens, parents, scores, sources, paths,
                                                          costs, max_nodes, ceded)
     proposals = [(cand.match_len, tuple(cand.tokens[:len(path)])) for cand, path in paths if path]
-    if (eagle is not None and len(tokens) == eagle.size and eagle.size <= max_nodes
-            and all(src & EAGLE for src in sources[1:])):
-        return MergedTree(eagle, sources, proposals)   # the head's tree as drafted: keep it on device
+    if len(drafted) == 1:
+        bit, tree = drafted[0]
+        if (len(tokens) == tree.size and tree.size <= max_nodes
+                and all(src & bit for src in sources[1:])):
+            return MergedTree(tree, sources, proposals)   # one drafter's tree as drafted: keep it on device
     return MergedTree(*_build(tokens, parents, scores, sources, max_nodes), proposals)
+
+
+def _add_model_tree(tree: DraftTree, bit: int, tokens, parents, scores, sources, child):
+    """Add a model drafter's tree under the shared root, sharing prefixes with
+    the nodes already there (a node's parent index maps through ``where``)."""
+    t_tok, t_par = tree.tokens.tolist(), tree.parents.tolist()
+    t_sc = np.exp(np.array(tree.scores.astype(mx.float32))).tolist()
+    where = [0] * tree.size
+    for i in range(1, tree.size):
+        key = (where[t_par[i]], t_tok[i])
+        node = child.get(key)
+        if node is None:
+            node = child[key] = len(tokens)
+            tokens.append(t_tok[i])
+            parents.append(key[0])
+            scores.append(t_sc[i])
+            sources.append(bit)
+        else:
+            scores[node] = max(scores[node], t_sc[i])
+            sources[node] |= bit
+        where[i] = node
 
 
 def _cede_to_ngrams(parents, scores, sources) -> set:
@@ -244,7 +270,7 @@ def _cede_to_ngrams(parents, scores, sources) -> set:
         return set()
     factor, ceded = [1.0] * len(parents), set()
     for i in range(1, len(parents)):            # parents precede children
-        if sources[i] != EAGLE:
+        if sources[i] & NGRAM:     # only nodes no n-gram proposed cede
             continue
         p = parents[i]
         f = factor[p]

@@ -77,10 +77,14 @@ class TargetModel:
     """An mlx-lm causal LM prepared for EAGLE-3 drafting and tree verification."""
 
     def __init__(self, model: nn.Module, aux_layer_ids: Optional[Sequence[int]] = None,
-                 recurrent_strategy: str = DEFAULT_STRATEGY, final_features: bool = False):
+                 recurrent_strategy: str = DEFAULT_STRATEGY, final_features: bool = False,
+                 aux_features: Optional[bool] = None):
         self.model = model
-        # MTP drafting reads the final-normed hidden state instead of aux layers.
+        # MTP drafting reads the final-normed hidden state; an EAGLE-3 head the
+        # aux layers. Features are [aux states..., final state], each present
+        # only when asked for (aux by default unless only the final one is).
         self.final_features = final_features
+        aux_features = not final_features if aux_features is None else aux_features
         # Vision-language wrappers (qwen3_5) keep the text model in language_model.
         self.text_model = getattr(model, "language_model", model)
         args = getattr(self.text_model, "args", None)
@@ -97,7 +101,7 @@ class TargetModel:
         self.hidden_size = args.hidden_size
         self.vocab_size = args.vocab_size
         self.max_position_embeddings = getattr(args, "max_position_embeddings", None)
-        self.aux_layer_ids = [] if final_features else list(
+        self.aux_layer_ids = [] if not aux_features else list(
             aux_layer_ids or default_aux_layer_ids(self.num_layers))
         for i in self.aux_layer_ids:
             # 0..L-1: input of that layer; L: output of the last layer (pre-norm).
@@ -308,8 +312,9 @@ class TargetModel:
         for slot in self._capture.get(self.num_layers, ()):
             captured[slot] = h  # aux id L: the last layer's output, before the final norm
         if self.final_features:
-            features = self.inner.norm(h)
-            hn = features if logits_rows is None else features[:, logits_rows]
+            normed = self.inner.norm(h)
+            features = mx.concatenate(captured + [normed], axis=-1) if captured else normed
+            hn = normed if logits_rows is None else normed[:, logits_rows]
         else:
             features = mx.concatenate(captured, axis=-1)
             hn = self.inner.norm(h if logits_rows is None else h[:, logits_rows])

@@ -135,7 +135,7 @@ def test_converted_model_drafts_with_its_mtp_by_default(tmp_path):
     assert auto.drafter == "mtp" and auto.spec.num_nodes >= 2
     ids = prompts[0]
     assert [r.token for r in auto.stream_generate(ids, max_tokens=32)] == refs[0]
-    with pytest.raises(ValueError, match="not available"):
+    with pytest.raises(ValueError, match="needs an EAGLE-3 head"):
         api.load(str(out), draft_source="eagle")
 
 
@@ -147,8 +147,46 @@ def test_mtp_source_without_mtp_weights_is_one_line(tmp_path, target):
     with pytest.raises(ValueError) as e:
         api.load(str(out), draft_source="mtp")
     assert "\n" not in str(e.value) and "no MTP weights" in str(e.value)
-    model, tok = target
-    with pytest.raises(ValueError, match="cannot draft together"):
-        from eagle3_mlx.testing import make_random_head
 
-        Engine(model, tok, make_random_head(model), mtp=oracle_mtp(model))
+
+def test_mtp_and_eagle_head_draft_one_tree(target):
+    """An EAGLE-3 head and the MTP module together (with and without n-grams):
+    greedy output equals the target's, each drafter is credited with the tokens
+    it proposed, and the oracle one carries the acceptance whichever it is."""
+    from eagle3_mlx.testing import make_oracle_head, make_random_head
+
+    model, tok = target
+    ids_list = [tok.encode(p) for p in PROMPTS[:4]]
+    refs = [[int(y) for y, _ in generate_step(mx.array(ids), model, max_tokens=32)]
+            for ids in ids_list]
+    pairs = {"oracle mtp": (make_random_head(model), oracle_mtp(model)),
+             "oracle head": (make_oracle_head(model), random_mtp(model))}
+    got = {}
+    for name, (head, mtp) in pairs.items():
+        eng = Engine(model, tok, head, mtp=mtp, top_k=2, depth=3, total_tokens=8)
+        assert eng.draft_source == "hybrid" and [d.name for d in eng.drafters] == ["eagle", "mtp"]
+        eng.tokenizer.eos_token_ids = set()
+        for source in ("hybrid", "eagle", "mtp", "ngram"):
+            used, steps, tokens = {}, 0, 0
+            for ids, ref in zip(ids_list, refs):
+                rs = list(eng.stream_generate(ids, max_tokens=32, draft_source=source))
+                assert [r.token for r in rs] == ref, (name, source, ids)
+                for k, v in rs[-1].source_tokens.items():
+                    used[k] = used.get(k, 0) + v
+                steps += rs[-1].steps
+                tokens += rs[-1].generation_tokens
+            got[(name, source)] = (used, tokens / steps)
+    print("\nhead + MTP: " + "; ".join(f"{k}: tau {t:.2f} {u}" for k, (u, t) in got.items()))
+    from eagle3_mlx.hybrid import from_model
+
+    def credited(used, drafter):
+        return sum(v for k, v in used.items() if drafter in k.split("+") or
+                   (k in ("both", "all") and drafter == "eagle") or (k == "all" and drafter == "mtp"))
+
+    used, tau = got[("oracle mtp", "hybrid")]
+    assert credited(used, "mtp") > 2 * credited(used, "eagle") and tau > 1.8
+    used, tau = got[("oracle head", "hybrid")]
+    assert credited(used, "eagle") > 2 * credited(used, "mtp") and tau > 1.8
+    assert set(got[("oracle head", "eagle")][0]) >= {"eagle", "mtp", "both"}   # one label set per engine
+    assert not any(v for k, v in got[("oracle head", "mtp")][0].items() if k != "mtp")
+    assert not any(v for k, v in got[("oracle mtp", "ngram")][0].items() if from_model(k))
