@@ -225,98 +225,105 @@ def run_bench(engine, prompts: List[BenchPrompt], *, trees: List[TreeSpec], turn
     they are. ``on_row`` gets one record per new row: {"key", "index", "turn", "tree",
     "plain_text", "row"} (plain_text carries the answer a second turn is conditioned on).
     Returns {"rows": {tree label: [row, ...]}, "summary": ..., "categories": ...}."""
-    import copy
-
-    greedy = temp == 0
-    log = log or say
-    sources = list(sources or [None])
-    configs = [(t, src) for t in trees for src in sources]
-    labels = [config_label(t, src, sources) for t, src in configs]
-    ngram_start = copy.deepcopy(engine.ngram_acceptance)   # node_costs are constant
-    done = dict(done or {})
-    n_items = sum(min(turns, len(p.turns)) for p in prompts)
-    todo = {(key, t): [lab for lab in labels if (lab, key, t) not in done]
+    bench = _Bench(engine, trees, list(sources or [None]), max_tokens, temp, seed, dict(done or {}), on_row)
+    todo = {(key, t): [lab for lab in bench.labels if (lab, key, t) not in bench.done]
             for key, p in zip(map(prompt_key, prompts), prompts)
             for t in range(1, min(turns, len(p.turns)) + 1)}
     # A turn with any tree left runs plain again too (every row pairs with its own plain run).
     n_left = sum(1 + len(labs) for labs in todo.values() if labs)
-    rows: Dict[str, list] = {lab: [] for lab in labels}
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            total = n_items * (1 + len(configs))
-            bar = tqdm(total=total, initial=total - n_left, unit="run", desc="bench", file=sys.stderr,
-                       dynamic_ncols=True)
-        except ImportError:
-            bar = None
-
-    def spec_run(label, ids, n):
-        spec, src = configs[labels.index(label)]
-        engine.set_tree(top_k=spec.top_k, depth=spec.depth, total_tokens=spec.total_tokens)
-        engine.ngram_acceptance = copy.deepcopy(ngram_start)
-        return run_spec(engine, ids, n, temp, seed, draft_source=src)
-
     base = [{"role": "system", "content": system}] if system else []
     if warmup and prompts and n_left:
-        p0 = prompts[0]
-        ids = encode_messages(engine, base + [{"role": "user", "content": p0.turns[0]}])
-        n = min(16, max_tokens)
-        run_plain(engine.model, engine.tokenizer, ids, n, temp, seed)
-        for lab in labels:
-            spec_run(lab, ids, n)
-
+        bench.warm_up(base + [{"role": "user", "content": prompts[0].turns[0]}])
+    if progress:
+        n_items = sum(min(turns, len(p.turns)) for p in prompts)
+        bench.bar = _progress_bar(n_items * (1 + len(bench.configs)), n_left)
     k = 0
     try:
         for i, p in enumerate(prompts):
-            key = prompt_key(p)
             history = list(base)
             for t in range(1, min(turns, len(p.turns)) + 1):
                 history.append({"role": "user", "content": p.turns[t - 1]})
-                left = todo[(key, t)]
-                if left:
-                    item = Item(p, t, list(history))
-                    item.ids = encode_messages(engine, item.messages)
-                    spec_runs = {}
-                    plain = None
-                    # Alternate the order so slow drift (thermal, other load) hits both sides alike;
-                    # k counts skipped turns too, so a resumed run keeps a single run's order.
-                    order = ["plain"] + left if k % 2 == 0 else left + ["plain"]
-                    for what in order:
-                        if what == "plain":
-                            plain = run_plain(engine.model, engine.tokenizer, item.ids, max_tokens, temp, seed)
-                        else:
-                            spec_runs[what] = spec_run(what, item.ids, max_tokens)
-                        if bar is not None:
-                            bar.update(1)
-                    for lab in left:
-                        spec = configs[labels.index(lab)][0]
-                        rec = {"key": key, "index": i, "turn": t, "tree": lab, "plain_text": plain.text,
-                               "row": row_for(item, spec_runs[lab], plain, spec, greedy)}
-                        done[(lab, key, t)] = rec
-                        if on_row is not None:
-                            on_row(rec)
-                    answer = plain.text
-                else:
-                    answer = done[(labels[0], key, t)]["plain_text"]
-                for lab in labels:
-                    rows[lab].append(done[(lab, key, t)]["row"])
-                if bar is not None:
-                    s = summarize(rows[labels[0]])
-                    if s["speedup"]:
-                        bar.set_postfix(tau=f"{s['tau']:.2f}", speedup=f"{s['speedup']:.2f}x")
+                # Alternate the order so slow drift (thermal, other load) hits both sides alike;
+                # k counts skipped turns too, so a resumed run keeps a single run's order.
+                answer = bench.turn(Item(p, t, list(history)), i, todo[(prompt_key(p), t)], plain_first=k % 2 == 0)
                 history.append({"role": "assistant", "content": answer})
                 k += 1
     finally:
-        if bar is not None:
-            bar.close()
-    engine.ngram_acceptance = ngram_start
-    out = {"rows": rows, "summary": {}, "categories": {}}
-    for lab in labels:
-        out["summary"][lab] = summarize(rows[lab])
-        out["categories"][lab] = by_category(rows[lab])
-    return out
+        if bench.bar is not None:
+            bench.bar.close()
+    engine.ngram_acceptance = bench.ngram_start
+    return {"rows": bench.rows, "summary": {lab: summarize(r) for lab, r in bench.rows.items()},
+            "categories": {lab: by_category(r) for lab, r in bench.rows.items()}}
+
+
+def _progress_bar(total: int, left: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=total - left, unit="run", desc="bench", file=sys.stderr, dynamic_ncols=True)
+
+
+class _Bench:
+    """One bench run's configurations and rows (see :func:`run_bench`)."""
+
+    def __init__(self, engine, trees, sources, max_tokens, temp, seed, done, on_row):
+        import copy
+
+        self.engine, self.sources, self.max_tokens, self.temp, self.seed = engine, sources, max_tokens, temp, seed
+        self.done, self.on_row, self.bar = done, on_row, None
+        self.configs = [(t, src) for t in trees for src in sources]
+        self.labels = [config_label(t, src, sources) for t, src in self.configs]
+        self.rows: Dict[str, list] = {lab: [] for lab in self.labels}
+        self.ngram_start = copy.deepcopy(engine.ngram_acceptance)   # node_costs are constant
+
+    def plain(self, ids, n) -> Run:
+        return run_plain(self.engine.model, self.engine.tokenizer, ids, n, self.temp, self.seed)
+
+    def spec(self, label, ids, n) -> Run:
+        import copy
+
+        spec, src = self.configs[self.labels.index(label)]
+        self.engine.set_tree(top_k=spec.top_k, depth=spec.depth, total_tokens=spec.total_tokens)
+        self.engine.ngram_acceptance = copy.deepcopy(self.ngram_start)
+        return run_spec(self.engine, ids, n, self.temp, self.seed, draft_source=src)
+
+    def warm_up(self, messages):
+        ids = encode_messages(self.engine, messages)
+        n = min(16, self.max_tokens)
+        self.plain(ids, n)
+        for lab in self.labels:
+            self.spec(lab, ids, n)
+
+    def turn(self, item: "Item", index: int, left: List[str], plain_first: bool) -> str:
+        """Runs the configurations ``left`` for this turn (and plain once); returns the plain answer."""
+        key = prompt_key(item.prompt)
+        if left:
+            item.ids = encode_messages(self.engine, item.messages)
+            runs = {}
+            for what in (["plain"] + left if plain_first else left + ["plain"]):
+                runs[what] = (self.plain(item.ids, self.max_tokens) if what == "plain"
+                              else self.spec(what, item.ids, self.max_tokens))
+                if self.bar is not None:
+                    self.bar.update(1)
+            for lab in left:
+                spec = self.configs[self.labels.index(lab)][0]
+                rec = {"key": key, "index": index, "turn": item.turn, "tree": lab, "plain_text": runs["plain"].text,
+                       "row": row_for(item, runs[lab], runs["plain"], spec, self.temp == 0)}
+                self.done[(lab, key, item.turn)] = rec
+                if self.on_row is not None:
+                    self.on_row(rec)
+            answer = runs["plain"].text
+        for lab in self.labels:
+            self.rows[lab].append(self.done[(lab, key, item.turn)]["row"])
+        self.show_progress()
+        return answer if left else self.done[(self.labels[0], key, item.turn)]["plain_text"]
+
+    def show_progress(self):
+        if self.bar is not None:
+            s = summarize(self.rows[self.labels[0]])
+            if s["speedup"]:
+                self.bar.set_postfix(tau=f"{s['tau']:.2f}", speedup=f"{s['speedup']:.2f}x")
 
 
 # ----------------------------------------------------------------------------------

@@ -134,6 +134,21 @@ async def test_new_chat_clears_history_and_resets_engine_cache(ready_app):
         assert app.stats_panel.values["tau"] == "–"
 
 
+async def test_toggling_plain_decoding_keeps_the_prompt_cache(ready_app):
+    app, engine = fake_app()
+    async with ready_app(app, SIZE) as pilot:
+        await pilot.press(*"one", "enter")
+        await wait_for(pilot, lambda: app.answers == 1)
+        cached = list(engine._cache)
+        await pilot.press("ctrl+b")
+        await pilot.press(*"two", "enter")
+        await wait_for(pilot, lambda: app.answers == 2)
+        assert engine.calls[-1]["speculative"] is False
+        # the second turn re-read only what is new: the conversation so far stayed cached
+        assert engine._cache[:len(cached)] == cached
+        assert app.last_stats.new_prompt_tokens == len(engine._cache) - len(cached)
+
+
 async def test_escape_with_slow_engine_freezes_answer(ready_app):
     app, engine = fake_app(FakeEngine("word " * 400, step_delay=0.1), settings=ChatSettings(max_tokens=500))
     async with ready_app(app, SIZE) as pilot:

@@ -18,7 +18,7 @@ from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
-from .engine_thread import (
+from eagle3_mlx.tui.engine_thread import (
     AnswerChunk,
     AnswerDone,
     AnswerFailed,
@@ -31,9 +31,9 @@ from .engine_thread import (
     LoadProgress,
     TreeSet,
 )
-from .screens import ChatSettings, HelpScreen, SettingsScreen
-from .stats import AnswerStats
-from .widgets import AssistantMessage, NoticeMessage, PromptInput, StatsPanel, UserMessage
+from eagle3_mlx.tui.screens import ChatSettings, HelpScreen, SettingsScreen
+from eagle3_mlx.tui.stats import AnswerStats
+from eagle3_mlx.tui.widgets import AssistantMessage, NoticeMessage, PromptInput, StatsPanel, UserMessage
 
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
@@ -341,7 +341,7 @@ class ChatApp(App):
             self.errors.append(msg.error)
             await self._add(NoticeMessage(msg.error, error=True))
         elif msg.tree:
-            what = "Tree retuned from live acceptance" if getattr(msg, "retuned", False) else "Tree"
+            what = "Tree retuned from live acceptance" if msg.retuned else "Tree"
             self.notify(what + ": top-k {top_k}, depth {depth}, {total_tokens} tokens".format(**msg.tree),
                         timeout=3)
         self._update_status()

@@ -12,9 +12,9 @@ import asyncio
 import sys
 import time
 
-from .app import ChatApp
-from .fake_engine import FakeEngine
-from .screens import ChatSettings
+from eagle3_mlx.tui.app import ChatApp
+from eagle3_mlx.tui.fake_engine import FakeEngine
+from eagle3_mlx.tui.screens import ChatSettings
 
 ANSWER = (
     "Use slicing, which returns a **new** reversed list:\n\n"

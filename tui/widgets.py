@@ -9,7 +9,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Label, Markdown, Sparkline, Static, TextArea
 
-from .stats import AnswerStats
+from eagle3_mlx.tui.stats import AnswerStats
 
 DRAFT_STYLE = "bold #1b1b1b on #7bd88f"   # accepted draft tokens
 TARGET_STYLE = "bold #1b1b1b on #f0b35a"  # tokens chosen by the target (bonus / plain)
@@ -173,45 +173,15 @@ class StatsPanel(VerticalScroll):
         ``ctx`` keys: mode, tree (dict), spec_tps, plain_tps, session_tokens,
         answers, coloured, draft_fraction.
         """
-        s = stats
-        v = {}
-        v["mode"] = "plain decoding" if not ctx.get("speculative", True) else "speculative"
-        v["tau"] = _fmt(s.tau if s else None, ".2f")
-        v["last_step"] = _fmt(s.last_step if s else None, "d")
-        v["steps"] = _fmt(s.steps if s else None, "d")
-        v["tps"] = _fmt(s.tps if s else None, ".1f")
-        spec_tps, plain_tps = ctx.get("spec_tps"), ctx.get("plain_tps")
-        v["spec_tps"] = _fmt(spec_tps, ".1f")
-        v["plain_tps"] = _fmt(plain_tps, ".1f")
-        v["speedup"] = _fmt(spec_tps / plain_tps if spec_tps and plain_tps else None, ".2f", "×")
-        v["draft_ms"] = _fmt(s.mean_draft_ms if s else None, ".2f")
-        v["verify_ms"] = _fmt(s.mean_verify_ms if s else None, ".2f")
-        tree = ctx.get("tree") or {}
-        if all(tree.get(k) is not None for k in ("top_k", "depth", "total_tokens")):
-            v["tree"] = f"k{tree['top_k']} d{tree['depth']} n{tree['total_tokens']}"
-            if tree["top_k"] == 1:
-                v["tree"] += " (chain)"
-        else:
-            v["tree"] = "engine default"
-        v["tokens"] = _fmt(s.tokens if s else None, "d")
-        v["session_tokens"] = _fmt(ctx.get("session_tokens"), "d")
-        v["ttft"] = _fmt(s.ttft_ms if s else None, ".0f", " ms")
-        v["prefill"] = "–"
-        if s and s.latest.get("prompt_tokens") is not None:
-            total = s.latest["prompt_tokens"]
-            new = s.new_prompt_tokens
-            v["prefill"] = f"{total}" if new is None else f"{new} new / {total}"
-        v["peak_memory"] = _memory(s.latest.get("peak_memory") if s else None)
-        frac = ctx.get("draft_fraction")
-        v["draft_share"] = _fmt(frac * 100 if frac is not None else None, ".0f", "%")
-        src = s.latest.get("source_tokens") if s else None
-        if src:
-            shown = [(k, n) for k, n in src.items() if n or k in ("eagle", "ngram", "both")]
-            names = {"eagle": "head", "ngram": "n-gram"}
-            v["sources_label"] = "/".join(names.get(k, k) for k, _ in shown)
-            v["sources"] = " / ".join(str(n) for _, n in shown)
-        self.values = v
+        self.values = v = panel_values(stats, ctx)
+        self._head_text = self._head(v)
+        self.query_one("#stats-head", Static).update(self._head_text)
+        spark = self.query_one("#spark", Sparkline)
+        spark.data = list(stats.step_lengths[-200:]) if stats and stats.step_lengths else []
+        self._body_text = self._body(v, stats.histogram() if stats else {}, bool(ctx.get("coloured")))
+        self.query_one("#stats-body", Static).update(self._body_text)
 
+    def _head(self, v: dict) -> Text:
         head = Text()
         head.append(f"{'SPECULATIVE' if v['mode'] == 'speculative' else 'PLAIN DECODING'}\n", "bold")
         self._row(head, "τ tokens/step", v["tau"], bold=True)
@@ -220,15 +190,11 @@ class StatsPanel(VerticalScroll):
         self._row(head, "speculative tok/s", v["spec_tps"])
         self._row(head, "plain tok/s", v["plain_tps"])
         self._row(head, "speedup", v["speedup"], end="")
-        self._head_text = head
-        self.query_one("#stats-head", Static).update(head)
+        return head
 
-        spark = self.query_one("#spark", Sparkline)
-        spark.data = list(s.step_lengths[-200:]) if s and s.step_lengths else []
-
+    def _body(self, v: dict, hist: dict, coloured: bool) -> Text:
         body = Text()
         body.append("histogram: tokens per step\n", "dim")
-        hist = s.histogram() if s else {}
         if hist:
             peak = max(hist.values())
             for length, count in hist.items():
@@ -239,27 +205,21 @@ class StatsPanel(VerticalScroll):
         else:
             body.append("  –\n")
         body.append("\n")
-        self._row(body, "draft ms/step", v["draft_ms"])
-        self._row(body, "verify ms/step", v["verify_ms"])
-        self._row(body, "tree", v["tree"])
-        self._row(body, "steps", v["steps"])
-        self._row(body, "tokens", v["tokens"])
-        self._row(body, "session tokens", v["session_tokens"])
-        self._row(body, "prompt", v["prefill"])
-        self._row(body, "first token", v["ttft"])
-        self._row(body, "peak memory", v["peak_memory"])
+        for label, key in (("draft ms/step", "draft_ms"), ("verify ms/step", "verify_ms"), ("tree", "tree"),
+                           ("steps", "steps"), ("tokens", "tokens"), ("session tokens", "session_tokens"),
+                           ("prompt", "prefill"), ("first token", "ttft"), ("peak memory", "peak_memory")):
+            self._row(body, label, v[key])
         self._row(body, "from draft", v["draft_share"], end="")
         if "sources" in v:
             body.append("\n")
             self._row(body, v["sources_label"], v["sources"], end="")
-        if ctx.get("coloured"):
+        if coloured:
             body.append("\n\n")
             body.append(" draft ", DRAFT_STYLE)
             body.append(" accepted  ")
             body.append(" target ", TARGET_STYLE)
             body.append(" ends a step")
-        self._body_text = body
-        self.query_one("#stats-body", Static).update(body)
+        return body
 
     @staticmethod
     def _row(text: Text, label: str, value: str, *, bold: bool = False, end: str = "\n",
@@ -273,3 +233,44 @@ class StatsPanel(VerticalScroll):
     def text(self) -> str:
         """Plain text of everything the panel shows (for tests)."""
         return self._head_text.plain + "\n" + self._body_text.plain
+
+
+def panel_values(s: AnswerStats | None, ctx: dict) -> dict:
+    """What the statistics panel shows, as text (None: nothing generated yet)."""
+    spec_tps, plain_tps = ctx.get("spec_tps"), ctx.get("plain_tps")
+    v = {
+        "mode": "plain decoding" if not ctx.get("speculative", True) else "speculative",
+        "tau": _fmt(s.tau if s else None, ".2f"),
+        "last_step": _fmt(s.last_step if s else None, "d"),
+        "steps": _fmt(s.steps if s else None, "d"),
+        "tps": _fmt(s.tps if s else None, ".1f"),
+        "spec_tps": _fmt(spec_tps, ".1f"),
+        "plain_tps": _fmt(plain_tps, ".1f"),
+        "speedup": _fmt(spec_tps / plain_tps if spec_tps and plain_tps else None, ".2f", "×"),
+        "draft_ms": _fmt(s.mean_draft_ms if s else None, ".2f"),
+        "verify_ms": _fmt(s.mean_verify_ms if s else None, ".2f"),
+        "tree": _tree_text(ctx.get("tree") or {}),
+        "tokens": _fmt(s.tokens if s else None, "d"),
+        "session_tokens": _fmt(ctx.get("session_tokens"), "d"),
+        "ttft": _fmt(s.ttft_ms if s else None, ".0f", " ms"),
+        "prefill": "–",
+        "peak_memory": _memory(s.latest.get("peak_memory") if s else None),
+    }
+    if s and s.latest.get("prompt_tokens") is not None:
+        total, new = s.latest["prompt_tokens"], s.new_prompt_tokens
+        v["prefill"] = f"{total}" if new is None else f"{new} new / {total}"
+    frac = ctx.get("draft_fraction")
+    v["draft_share"] = _fmt(frac * 100 if frac is not None else None, ".0f", "%")
+    src = s.latest.get("source_tokens") if s else None
+    if src:
+        shown = [(k, n) for k, n in src.items() if n or k in ("eagle", "ngram", "both")]
+        names = {"eagle": "head", "ngram": "n-gram"}
+        v["sources_label"] = "/".join(names.get(k, k) for k, _ in shown)
+        v["sources"] = " / ".join(str(n) for _, n in shown)
+    return v
+
+
+def _tree_text(tree: dict) -> str:
+    if not all(tree.get(k) is not None for k in ("top_k", "depth", "total_tokens")):
+        return "engine default"
+    return f"k{tree['top_k']} d{tree['depth']} n{tree['total_tokens']}" + (" (chain)" if tree["top_k"] == 1 else "")
