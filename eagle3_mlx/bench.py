@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from . import distributed
 from .bench_report import (format_grid, format_rows, format_sources,
                            format_summary, plot_result)
 from .console import say
@@ -457,6 +458,7 @@ class _Refused(Exception):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        distributed_args(args)
         check_args(args)
         prompts, fixed, grid = read_selection(args)
         engine, target, settings, records = open_bench_engine(args)
@@ -495,6 +497,17 @@ def open_bench_engine(args):
         return load_engine(opts, target), target, settings, records
     except (ValueError, FileNotFoundError, OSError) as e:
         raise _Refused(str(e), 1) from None
+
+
+def distributed_args(args):
+    """Under mlx.launch only rank 0 writes files; a resumed run would skip rows
+    on rank 0 alone, so it is refused."""
+    if distributed.group() is None:
+        return
+    if args.resume:
+        raise _Refused("--resume does not run under mlx.launch; rerun without it", 2)
+    if not distributed.is_main():
+        args.json = args.plot = None
 
 
 def check_args(args):
@@ -559,7 +572,9 @@ def choose_tree(engine, args, fixed):
         say(f"tree: {tree} (no draft head: context n-grams draft)")
         return tree, None
     if fixed is None:
-        calibration = calibrate(engine, force=args.recalibrate, quick=args.quick_calibration, log=say)
+        # Sharded (mlx.launch): every rank measures in lockstep and takes rank 0's choice.
+        measure = distributed.calibration if distributed.group() is not None else calibrate
+        calibration = measure(engine, force=args.recalibrate, quick=args.quick_calibration, log=say)
         tree = calibration.spec
         say(f"tree: auto -> {tree} (calibrated: expected tau {calibration.choice.tau:.2f}, "
             f"{calibration.choice.speedup:.2f}x)")

@@ -53,13 +53,19 @@ def main(argv=None):
             maybe_reexec_with_openblas = None
         if maybe_reexec_with_openblas is not None:
             maybe_reexec_with_openblas()
+    from . import distributed
+
+    refused = distributed.setup(name)   # under mlx.launch only: join the group, rank 0 prints
+    if refused:
+        print(f"eagle3-mlx {name}: error: {refused}", file=sys.stderr)
+        return 2
     module, func, _ = COMMANDS[name]
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         print(f"eagle3-mlx: error: command {name!r} is not available ({e})", file=sys.stderr)
         return 2
-    rc = getattr(mod, func)(argv[1:])
+    rc = distributed.run(name, lambda: getattr(mod, func)(argv[1:]))
     return 0 if rc is None else rc
 
 

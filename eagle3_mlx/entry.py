@@ -169,13 +169,16 @@ def short_name(path: Any) -> str:
 
 def load_engine(opts: EngineOptions, target: Target, progress: Callable[..., None] = say):
     """:func:`eagle3_mlx.api.load` with the options, then the tree applied."""
+    from . import distributed
     from .api import load
 
     progress(f"Loading {short_name(target.model)} with draft head {short_name(target.draft)}…"
              if target.draft else f"Loading {short_name(target.model)} (no draft head)…")
-    engine = load(target.model, target.draft, model_dtype=opts.dtype, draft_source=opts.draft_source,
-                  draft_feedback=opts.draft_feedback, log=_quiet_prefix(progress),
-                  **({"kv_bits": opts.kv_bits} if opts.kv_bits is not None else {}), **opts.shape)
+    with distributed.lazy_load():
+        engine = load(target.model, target.draft, model_dtype=opts.dtype, draft_source=opts.draft_source,
+                      draft_feedback=opts.draft_feedback, log=_quiet_prefix(progress),
+                      **({"kv_bits": opts.kv_bits} if opts.kv_bits is not None else {}), **opts.shape)
+    distributed.shard(engine, progress)   # under mlx.launch only: tensor parallel, in place
     apply_options_tree(engine, opts, progress)
     return engine
 
@@ -185,7 +188,7 @@ def apply_options_tree(engine, opts: EngineOptions, progress: Callable[..., None
     decoding, explicit shape options, or no head or MTP to draft a tree)."""
     if opts.tree is None or not opts.speculative or opts.shape or engine.head is None:
         return None
-    from .tuning.choose import apply_tree
+    from .distributed import apply_tree
 
     progress("Choosing the draft tree for this machine…")
     return apply_tree(engine, opts.tree, log=progress, **opts.tree_kw)
@@ -194,7 +197,10 @@ def apply_options_tree(engine, opts: EngineOptions, progress: Callable[..., None
 def attach_tuner(engine, opts: EngineOptions, **tuner_options):
     """The online tuner for ``--tree auto`` (None for an explicit tree or shape,
     plain decoding, or no cached calibration)."""
-    if opts.tree is None or not opts.speculative or opts.shape:
+    from .distributed import group
+
+    # Sharded: no online retuning (it would retune from each rank's own timings).
+    if opts.tree is None or not opts.speculative or opts.shape or group() is not None:
         return None
     from .tuning.choose import auto_tuner
 
