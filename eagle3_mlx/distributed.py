@@ -76,8 +76,8 @@ def timeout_s() -> float:
 
 
 def _fail(msg: str, code: int = 1):
-    """One line on the real stderr, then exit at once: a rank blocked in a
-    collective never returns to Python, so a watchdog cannot raise."""
+    """One line on the real stderr, then exit at once (no interpreter
+    shutdown: the backend's threads may still wait on a dead peer)."""
     try:
         _real_stderr.write(f"eagle3-mlx: error: rank {rank()}: {msg}\n")
         _real_stderr.flush()
